@@ -1,0 +1,7 @@
+"""``python -m kmsenv`` runs the CLI."""
+
+import sys
+
+from kmsenv.cli import main
+
+sys.exit(main())

@@ -1,0 +1,154 @@
+"""Every cryptographic primitive kmsenv uses, and the only module that imports ``cryptography``.
+
+Keeping the primitives behind this small surface means one place to audit: nothing else in kmsenv
+touches a cipher, a MAC or a random-number source directly. ``pycryptodome`` is imported here too,
+lazily and only for the AES-EAX of legacy files written by the reference document's sample code,
+which ``cryptography`` does not offer.
+
+Authentication failures surface as :class:`kmsenv.errors.IntegrityError` with a caller-chosen,
+generic message: the caller decides what to tell the user, never the primitive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from kmsenv.errors import IntegrityError
+
+__all__ = [
+    "GCM_NONCE_SIZE",
+    "GCM_TAG_SIZE",
+    "AesGcm",
+    "constant_time_eq",
+    "eax_decrypt",
+    "eax_encrypt",
+    "hkdf_sha256",
+    "hmac_sha1",
+    "hmac_sha256",
+    "random_bytes",
+    "scrypt",
+    "sha256",
+    "sha256_hex",
+]
+
+GCM_NONCE_SIZE = 12
+GCM_TAG_SIZE = 16
+
+
+def random_bytes(n: int) -> bytes:
+    """``n`` bytes from the operating system's CSPRNG."""
+    return os.urandom(n)
+
+
+def constant_time_eq(a: bytes, b: bytes) -> bool:
+    """Compare two byte strings in time that depends only on their lengths."""
+    return hmac.compare_digest(a, b)
+
+
+def sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def hmac_sha256(key: bytes, msg: bytes) -> bytes:
+    return hmac.new(key, msg, hashlib.sha256).digest()
+
+
+def hmac_sha1(key: bytes, msg: bytes) -> bytes:
+    """Only for Alibaba's v1 request signatures, which are defined over HMAC-SHA1."""
+    return hmac.new(key, msg, hashlib.sha1).digest()
+
+
+def hkdf_sha256(ikm: bytes, *, salt: bytes, info: bytes, length: int) -> bytes:
+    """HKDF-SHA256 (RFC 5869) extract-and-expand."""
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
+
+
+def scrypt(passphrase: bytes, *, salt: bytes, n: int, r: int, p: int, length: int = 32) -> bytes:
+    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+    return Scrypt(salt=salt, length=length, n=n, r=r, p=p).derive(passphrase)
+
+
+class AesGcm:
+    """AES-GCM under one key, with a 12-byte nonce and 16-byte tag.
+
+    Build one per key and reuse it: constructing the OpenSSL context is the expensive part. The
+    AEAD calls release the GIL, so one instance may be used from several threads at once.
+    The repr never shows the key.
+    """
+
+    __slots__ = ("_aead",)
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) not in (16, 24, 32):
+            raise ValueError("AES key must be 16, 24 or 32 bytes")
+        self._aead = AESGCM(key)
+
+    def __repr__(self) -> str:
+        return "AesGcm(<key hidden>)"
+
+    def __reduce__(self) -> object:
+        raise TypeError("AesGcm objects hold key material and cannot be pickled")
+
+    def encrypt(self, nonce: bytes, data: bytes, aad: bytes | None = None) -> bytes:
+        """Return ciphertext || tag."""
+        return self._aead.encrypt(nonce, data, aad)
+
+    def encrypt_into(self, nonce: bytes, data: bytes | memoryview, aad: bytes | None, out: memoryview) -> None:
+        """Write ciphertext || tag into ``out`` (exactly ``len(data) + 16`` bytes): no allocation."""
+        self._aead.encrypt_into(nonce, data, aad, out)
+
+    def decrypt(self, nonce: bytes, data: bytes | memoryview, aad: bytes | None, *, what: str) -> bytes:
+        """Verify and decrypt ciphertext || tag; on failure raise IntegrityError naming ``what``."""
+        try:
+            return self._aead.decrypt(nonce, data, aad)
+        except InvalidTag:
+            raise IntegrityError(f"{what} failed authentication") from None
+
+    def decrypt_into(
+        self, nonce: bytes, data: bytes | memoryview, aad: bytes | None, out: memoryview, *, what: str
+    ) -> None:
+        """Verify and decrypt into ``out`` (exactly ``len(data) - 16`` bytes).
+
+        On failure ``out`` may hold garbage; callers must not release it.
+        """
+        try:
+            self._aead.decrypt_into(nonce, data, aad, out)
+        except InvalidTag:
+            raise IntegrityError(f"{what} failed authentication") from None
+
+
+def eax_encrypt(key: bytes, plaintext: bytes, *, nonce: bytes | None = None) -> tuple[bytes, bytes, bytes]:
+    """AES-EAX as the reference sample uses it (16-byte nonce, 16-byte tag): (nonce, ciphertext, tag).
+
+    Only for tests and vectors that reproduce legacy files; kmsenv never writes this format itself.
+    """
+    from Crypto.Cipher import AES
+
+    cipher = AES.new(key, AES.MODE_EAX, nonce=nonce)
+    ciphertext, tag = cipher.encrypt_and_digest(plaintext)
+    return bytes(cipher.nonce), ciphertext, tag
+
+
+def eax_decrypt(key: bytes, nonce: bytes, ciphertext: bytes, tag: bytes, *, what: str) -> bytes:
+    """Verify and decrypt AES-EAX; on failure raise IntegrityError naming ``what``."""
+    from Crypto.Cipher import AES
+
+    if len(key) not in (16, 24, 32):
+        raise IntegrityError(f"{what} failed authentication: the data key has an invalid length")
+    cipher = AES.new(key, AES.MODE_EAX, nonce=nonce)
+    try:
+        return bytes(cipher.decrypt_and_verify(ciphertext, tag))
+    except ValueError:
+        raise IntegrityError(f"{what} failed authentication") from None

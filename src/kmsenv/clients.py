@@ -1,0 +1,186 @@
+"""The ``Kms`` protocol the envelope layer talks to, and its implementations.
+
+The envelope layer (files, streams) needs four things from a KMS: make a data key, unwrap one,
+wrap an existing one under another CMK, and re-wrap one without exposing it. This module names
+those four as a :class:`Kms` protocol. :class:`EmbeddedKms` calls the in-process service directly;
+a remote implementation (official Alibaba SDK, any endpoint) comes with the server work.
+
+Data keys travel through the KMS as base64 text, exactly as Alibaba does it: ``GenerateDataKey``
+returns ``Plaintext`` as base64, and ``Decrypt`` of its blob returns that same string. So a data key
+wrapped with :meth:`Kms.encrypt_data_key` is sent as base64 too, and every blob this protocol
+produces decrypts to base64 text. The protocol hands callers raw bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from kmsenv.errors import KmsError
+
+if TYPE_CHECKING:
+    from kmsenv.kms.service import KmsService
+
+__all__ = ["DataKey", "EmbeddedKms", "Kms", "UnwrappedKey", "WrappedKey"]
+
+#: Provider id written into file headers for any KMS speaking the Alibaba Cloud KMS 2016-01-20 API
+#: (the embedded one, a kmsenv server, the real cloud): the key ARN says which one.
+ACS_KMS_PROVIDER = "acs-kms"
+
+
+@dataclass(frozen=True, slots=True)
+class WrappedKey:
+    """A data key wrapped under one CMK version: what a file keeps instead of the key."""
+
+    key_id: str
+    key_arn: str
+    key_version_id: str
+    ciphertext_blob: str
+
+
+@dataclass(frozen=True, slots=True)
+class DataKey:
+    """A fresh data key: its plaintext (never shown in repr) and its wrapped form."""
+
+    wrapped: WrappedKey
+    plaintext: bytes = field(repr=False)
+
+    def __reduce__(self) -> object:
+        raise TypeError("DataKey holds key material and cannot be pickled")
+
+
+@dataclass(frozen=True, slots=True)
+class UnwrappedKey:
+    """The result of unwrapping a blob: which CMK version did it, and the key (never in repr)."""
+
+    key_id: str
+    key_version_id: str
+    plaintext: bytes = field(repr=False)
+
+    def __reduce__(self) -> object:
+        raise TypeError("UnwrappedKey holds key material and cannot be pickled")
+
+
+@runtime_checkable
+class Kms(Protocol):
+    """What the envelope layer needs from a KMS.
+
+    Contract, for every implementation:
+    - ``key_id`` accepts a key id, key ARN, alias name (``alias/...``) or alias ARN;
+    - ``encryption_context`` is bound to the blob and must be given again, equal as a map, to unwrap;
+      an empty mapping means no context;
+    - failures raise :class:`kmsenv.errors.KmsError` carrying the Alibaba error code.
+    """
+
+    @property
+    def provider_id(self) -> str:
+        """Identifies the kind of KMS in file headers (``acs-kms`` for Alibaba-compatible ones)."""
+        ...
+
+    def generate_data_key(
+        self, key_id: str, *, encryption_context: Mapping[str, str], number_of_bytes: int = 32
+    ) -> DataKey: ...
+
+    def decrypt_data_key(self, ciphertext_blob: str, *, encryption_context: Mapping[str, str]) -> UnwrappedKey: ...
+
+    def encrypt_data_key(
+        self, key_id: str, plaintext: bytes, *, encryption_context: Mapping[str, str]
+    ) -> WrappedKey: ...
+
+    def re_encrypt_data_key(
+        self,
+        ciphertext_blob: str,
+        *,
+        destination_key_id: str,
+        source_encryption_context: Mapping[str, str],
+        destination_encryption_context: Mapping[str, str],
+    ) -> WrappedKey: ...
+
+
+def _b64_data_key(text: str) -> bytes:
+    """Decode the base64 ``Plaintext`` a KMS returned for a data key."""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise KmsError(
+            "InvalidCiphertext", "The CiphertextBlob does not hold a data key (its plaintext is not base64)."
+        ) from None
+
+
+def _context_param(context: Mapping[str, str]) -> dict[str, str] | None:
+    return dict(context) if context else None
+
+
+class EmbeddedKms:
+    """The in-process KMS over a KMS home (SQLite store + root key); no server involved.
+
+    ``EmbeddedKms()`` uses ``KMSENV_HOME`` (default ``~/.kmsenv``), creating it on first use.
+    """
+
+    def __init__(self, home: Path | str | None = None, *, service: KmsService | None = None) -> None:
+        if service is None:
+            from kmsenv.kms.service import open_service
+
+            service = open_service(Path(home) if home is not None else None)
+        self.service = service
+
+    @property
+    def provider_id(self) -> str:
+        return ACS_KMS_PROVIDER
+
+    def close(self) -> None:
+        self.service.close()
+
+    def __enter__(self) -> EmbeddedKms:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _arn(self, key_id: str) -> str:
+        return self.service.key_arn(key_id)
+
+    def generate_data_key(
+        self, key_id: str, *, encryption_context: Mapping[str, str], number_of_bytes: int = 32
+    ) -> DataKey:
+        r = self.service.generate_data_key(
+            key_id=key_id, number_of_bytes=number_of_bytes, encryption_context=_context_param(encryption_context)
+        )
+        wrapped = WrappedKey(r["KeyId"], self._arn(r["KeyId"]), r["KeyVersionId"], r["CiphertextBlob"])
+        return DataKey(wrapped, _b64_data_key(r["Plaintext"]))
+
+    def decrypt_data_key(self, ciphertext_blob: str, *, encryption_context: Mapping[str, str]) -> UnwrappedKey:
+        r = self.service.decrypt(
+            ciphertext_blob=ciphertext_blob, encryption_context=_context_param(encryption_context)
+        )
+        return UnwrappedKey(r["KeyId"], r["KeyVersionId"], _b64_data_key(r["Plaintext"]))
+
+    def encrypt_data_key(
+        self, key_id: str, plaintext: bytes, *, encryption_context: Mapping[str, str]
+    ) -> WrappedKey:
+        r = self.service.encrypt(
+            key_id=key_id,
+            plaintext=base64.b64encode(plaintext).decode("ascii"),
+            encryption_context=_context_param(encryption_context),
+        )
+        return WrappedKey(r["KeyId"], self._arn(r["KeyId"]), r["KeyVersionId"], r["CiphertextBlob"])
+
+    def re_encrypt_data_key(
+        self,
+        ciphertext_blob: str,
+        *,
+        destination_key_id: str,
+        source_encryption_context: Mapping[str, str],
+        destination_encryption_context: Mapping[str, str],
+    ) -> WrappedKey:
+        r = self.service.re_encrypt(
+            ciphertext_blob=ciphertext_blob,
+            destination_key_id=destination_key_id,
+            source_encryption_context=_context_param(source_encryption_context),
+            destination_encryption_context=_context_param(destination_encryption_context),
+        )
+        return WrappedKey(r["KeyId"], self._arn(r["KeyId"]), r["KeyVersionId"], r["CiphertextBlob"])
