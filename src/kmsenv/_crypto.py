@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -98,7 +99,7 @@ class AesGcm:
     def __repr__(self) -> str:
         return "AesGcm(<key hidden>)"
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> tuple[Any, ...]:
         raise TypeError("AesGcm objects hold key material and cannot be pickled")
 
     def encrypt(self, nonce: bytes, data: bytes, aad: bytes | None = None) -> bytes:

@@ -18,7 +18,7 @@ import binascii
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from kmsenv.errors import KmsError
 
@@ -49,7 +49,7 @@ class DataKey:
     wrapped: WrappedKey
     plaintext: bytes = field(repr=False)
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> tuple[Any, ...]:
         raise TypeError("DataKey holds key material and cannot be pickled")
 
 
@@ -61,7 +61,7 @@ class UnwrappedKey:
     key_version_id: str
     plaintext: bytes = field(repr=False)
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> tuple[Any, ...]:
         raise TypeError("UnwrappedKey holds key material and cannot be pickled")
 
 
@@ -154,14 +154,10 @@ class EmbeddedKms:
         return DataKey(wrapped, _b64_data_key(r["Plaintext"]))
 
     def decrypt_data_key(self, ciphertext_blob: str, *, encryption_context: Mapping[str, str]) -> UnwrappedKey:
-        r = self.service.decrypt(
-            ciphertext_blob=ciphertext_blob, encryption_context=_context_param(encryption_context)
-        )
+        r = self.service.decrypt(ciphertext_blob=ciphertext_blob, encryption_context=_context_param(encryption_context))
         return UnwrappedKey(r["KeyId"], r["KeyVersionId"], _b64_data_key(r["Plaintext"]))
 
-    def encrypt_data_key(
-        self, key_id: str, plaintext: bytes, *, encryption_context: Mapping[str, str]
-    ) -> WrappedKey:
+    def encrypt_data_key(self, key_id: str, plaintext: bytes, *, encryption_context: Mapping[str, str]) -> WrappedKey:
         r = self.service.encrypt(
             key_id=key_id,
             plaintext=base64.b64encode(plaintext).decode("ascii"),

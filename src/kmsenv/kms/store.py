@@ -1,0 +1,353 @@
+"""The KMS store: schema, forward migrations, transactions and records (SQLite, embedded).
+
+The service never writes SQL; it asks a transaction (:class:`Tx`) for records and changes. Every
+Action runs in one transaction, so a failed Action changes nothing. Write transactions start with
+``BEGIN IMMEDIATE``: SQLite then takes the write lock up front, so two processes using one KMS
+home serialise instead of failing half-way with "database is locked" on upgrade. WAL mode lets
+readers proceed during a write, and ``synchronous=FULL`` makes a commit that returned durable.
+
+Key material appears here only sealed (see ``sealing``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from kmsenv.errors import ConfigError, KmsError
+
+__all__ = ["SCHEMA_VERSION", "AliasRecord", "KeyRecord", "SqliteStore", "Tx", "VersionRecord"]
+
+_MIGRATIONS: tuple[str, ...] = (
+    # 1: keys, versions, aliases, tombstones of destroyed keys.
+    """
+    CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+    CREATE TABLE keys (
+        key_id TEXT PRIMARY KEY,
+        description TEXT NOT NULL,
+        key_spec TEXT NOT NULL,
+        key_usage TEXT NOT NULL,
+        origin TEXT NOT NULL,
+        protection_level TEXT NOT NULL,
+        key_state TEXT NOT NULL,
+        creation_date TEXT NOT NULL,
+        delete_date TEXT,
+        deletion_protection INTEGER NOT NULL DEFAULT 0,
+        deletion_protection_description TEXT NOT NULL DEFAULT '',
+        rotation_enabled INTEGER NOT NULL DEFAULT 0,
+        rotation_interval INTEGER,
+        last_rotation_date TEXT,
+        next_rotation_date TEXT,
+        primary_version_id TEXT,
+        tags TEXT NOT NULL DEFAULT '[]',
+        creator TEXT NOT NULL
+    );
+    CREATE INDEX keys_next_rotation ON keys(next_rotation_date) WHERE next_rotation_date IS NOT NULL;
+    CREATE INDEX keys_delete_date ON keys(delete_date) WHERE delete_date IS NOT NULL;
+    CREATE TABLE key_versions (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        key_version_id TEXT NOT NULL UNIQUE,
+        key_id TEXT NOT NULL REFERENCES keys(key_id) ON DELETE CASCADE,
+        creation_date TEXT NOT NULL,
+        sealed_material BLOB NOT NULL
+    );
+    CREATE INDEX key_versions_key ON key_versions(key_id, seq);
+    CREATE TABLE aliases (
+        alias_name TEXT PRIMARY KEY,
+        key_id TEXT NOT NULL REFERENCES keys(key_id) ON DELETE CASCADE,
+        creation_date TEXT NOT NULL,
+        update_date TEXT NOT NULL
+    );
+    CREATE INDEX aliases_key ON aliases(key_id);
+    CREATE TABLE deleted_keys (key_id TEXT PRIMARY KEY, deleted_at TEXT NOT NULL);
+    """,
+)
+
+#: The schema version this code writes and understands.
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+@dataclass(slots=True)
+class KeyRecord:
+    key_id: str
+    description: str
+    key_spec: str
+    key_usage: str
+    origin: str
+    protection_level: str
+    key_state: str
+    creation_date: str
+    creator: str
+    delete_date: str | None = None
+    deletion_protection: bool = False
+    deletion_protection_description: str = ""
+    rotation_enabled: bool = False
+    rotation_interval: int | None = None
+    last_rotation_date: str | None = None
+    next_rotation_date: str | None = None
+    primary_version_id: str | None = None
+    tags: str = "[]"
+
+
+_KEY_COLUMNS = tuple(f.name for f in fields(KeyRecord))
+
+
+@dataclass(frozen=True, slots=True)
+class VersionRecord:
+    key_id: str
+    key_version_id: str
+    creation_date: str
+    sealed_material: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AliasRecord:
+    alias_name: str
+    key_id: str
+    creation_date: str
+    update_date: str
+
+
+def _key_from_row(row: sqlite3.Row) -> KeyRecord:
+    values: dict[str, Any] = {name: row[name] for name in _KEY_COLUMNS}
+    values["deletion_protection"] = bool(values["deletion_protection"])
+    values["rotation_enabled"] = bool(values["rotation_enabled"])
+    return KeyRecord(**values)
+
+
+class Tx:
+    """One transaction's view of the store. Obtained from :meth:`SqliteStore.transaction`."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._c = conn
+
+    # -- meta ------------------------------------------------------------------------------
+    def meta_get(self, name: str) -> bytes | None:
+        row = self._c.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            return None
+        value = row[0]
+        return value.encode("utf-8") if isinstance(value, str) else bytes(value)
+
+    def meta_set(self, name: str, value: bytes) -> None:
+        self._c.execute(
+            "INSERT INTO meta(name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            (name, value),
+        )
+
+    # -- keys ------------------------------------------------------------------------------
+    def get_key(self, key_id: str) -> KeyRecord | None:
+        row = self._c.execute("SELECT * FROM keys WHERE key_id = ?", (key_id,)).fetchone()
+        return None if row is None else _key_from_row(row)
+
+    def insert_key(self, rec: KeyRecord) -> None:
+        cols = ", ".join(_KEY_COLUMNS)
+        marks = ", ".join("?" for _ in _KEY_COLUMNS)
+        self._c.execute(f"INSERT INTO keys({cols}) VALUES ({marks})", [getattr(rec, c) for c in _KEY_COLUMNS])  # noqa: S608 (column names are ours)
+
+    def update_key(self, rec: KeyRecord) -> None:
+        cols = [c for c in _KEY_COLUMNS if c != "key_id"]
+        assignments = ", ".join(f"{c} = ?" for c in cols)
+        self._c.execute(
+            f"UPDATE keys SET {assignments} WHERE key_id = ?",  # noqa: S608 (column names are ours)
+            [*(getattr(rec, c) for c in cols), rec.key_id],
+        )
+
+    def destroy_key(self, key_id: str, when: str) -> None:
+        """Erase a key: its versions (material) and aliases go with it; a tombstone remains."""
+        self._c.execute("DELETE FROM aliases WHERE key_id = ?", (key_id,))
+        self._c.execute("DELETE FROM key_versions WHERE key_id = ?", (key_id,))
+        self._c.execute("DELETE FROM keys WHERE key_id = ?", (key_id,))
+        self._c.execute("INSERT OR REPLACE INTO deleted_keys(key_id, deleted_at) VALUES (?, ?)", (key_id, when))
+
+    def deleted_at(self, key_id: str) -> str | None:
+        row = self._c.execute("SELECT deleted_at FROM deleted_keys WHERE key_id = ?", (key_id,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def list_keys(
+        self, filters: Sequence[tuple[str, Sequence[str]]], offset: int, limit: int
+    ) -> tuple[list[KeyRecord], int]:
+        where: list[str] = []
+        args: list[object] = []
+        for column, values in filters:
+            if column not in _KEY_COLUMNS:
+                raise ValueError(column)
+            where.append(f"{column} IN ({', '.join('?' for _ in values)})")
+            args.extend(values)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        total = self._c.execute(f"SELECT count(*) FROM keys {clause}", args).fetchone()[0]  # noqa: S608
+        rows = self._c.execute(
+            f"SELECT * FROM keys {clause} ORDER BY creation_date, key_id LIMIT ? OFFSET ?",  # noqa: S608
+            [*args, limit, offset],
+        ).fetchall()
+        return [_key_from_row(r) for r in rows], int(total)
+
+    def due_key_ids(self, now: str) -> list[str]:
+        """Keys with a deletion or an automatic rotation due at ``now``."""
+        rows = self._c.execute(
+            "SELECT key_id FROM keys WHERE delete_date IS NOT NULL AND delete_date <= ? "
+            "UNION SELECT key_id FROM keys WHERE next_rotation_date IS NOT NULL AND next_rotation_date <= ? "
+            "AND key_state = 'Enabled'",
+            (now, now),
+        ).fetchall()
+        return [str(r[0]) for r in rows]
+
+    # -- versions --------------------------------------------------------------------------
+    def insert_version(self, rec: VersionRecord) -> None:
+        self._c.execute(
+            "INSERT INTO key_versions(key_version_id, key_id, creation_date, sealed_material) VALUES (?, ?, ?, ?)",
+            (rec.key_version_id, rec.key_id, rec.creation_date, rec.sealed_material),
+        )
+
+    def get_version(self, key_version_id: str) -> VersionRecord | None:
+        row = self._c.execute(
+            "SELECT key_id, key_version_id, creation_date, sealed_material FROM key_versions WHERE key_version_id = ?",
+            (key_version_id,),
+        ).fetchone()
+        return None if row is None else VersionRecord(row[0], row[1], row[2], bytes(row[3]))
+
+    def list_versions(self, key_id: str, offset: int, limit: int) -> tuple[list[VersionRecord], int]:
+        total = self._c.execute("SELECT count(*) FROM key_versions WHERE key_id = ?", (key_id,)).fetchone()[0]
+        rows = self._c.execute(
+            "SELECT key_id, key_version_id, creation_date, sealed_material FROM key_versions "
+            "WHERE key_id = ? ORDER BY seq LIMIT ? OFFSET ?",
+            (key_id, limit, offset),
+        ).fetchall()
+        return [VersionRecord(r[0], r[1], r[2], bytes(r[3])) for r in rows], int(total)
+
+    # -- aliases ---------------------------------------------------------------------------
+    def get_alias(self, alias_name: str) -> AliasRecord | None:
+        row = self._c.execute(
+            "SELECT alias_name, key_id, creation_date, update_date FROM aliases WHERE alias_name = ?",
+            (alias_name,),
+        ).fetchone()
+        return None if row is None else AliasRecord(*row)
+
+    def insert_alias(self, rec: AliasRecord) -> None:
+        try:
+            self._c.execute(
+                "INSERT INTO aliases(alias_name, key_id, creation_date, update_date) VALUES (?, ?, ?, ?)",
+                (rec.alias_name, rec.key_id, rec.creation_date, rec.update_date),
+            )
+        except sqlite3.IntegrityError:
+            # The primary key is the arbiter of uniqueness, also between processes racing.
+            raise KmsError("AliasAlreadyExists", f"The alias {rec.alias_name} already exists.") from None
+
+    def update_alias(self, alias_name: str, key_id: str, when: str) -> None:
+        self._c.execute(
+            "UPDATE aliases SET key_id = ?, update_date = ? WHERE alias_name = ?", (key_id, when, alias_name)
+        )
+
+    def delete_alias(self, alias_name: str) -> None:
+        self._c.execute("DELETE FROM aliases WHERE alias_name = ?", (alias_name,))
+
+    def list_aliases(self, key_id: str | None, offset: int, limit: int) -> tuple[list[AliasRecord], int]:
+        clause, args = ("WHERE key_id = ?", [key_id]) if key_id is not None else ("", [])
+        total = self._c.execute(f"SELECT count(*) FROM aliases {clause}", args).fetchone()[0]  # noqa: S608
+        rows = self._c.execute(
+            f"SELECT alias_name, key_id, creation_date, update_date FROM aliases {clause} "  # noqa: S608
+            "ORDER BY alias_name LIMIT ? OFFSET ?",
+            [*args, limit, offset],
+        ).fetchall()
+        return [AliasRecord(*r) for r in rows], int(total)
+
+
+def _create_private_file(path: Path) -> None:
+    """Create ``path`` 0600 if absent, whatever the umask: the store holds sealed material and
+    metadata nobody else needs to read."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    os.fchmod(fd, 0o600)
+    os.close(fd)
+
+
+class SqliteStore:
+    """The embedded store: one SQLite file, safe for several processes and threads at once."""
+
+    BUSY_TIMEOUT_MS = 30_000
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        _create_private_file(path)
+        try:
+            conn = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False, timeout=self.BUSY_TIMEOUT_MS / 1000
+            )
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {self.BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+        except sqlite3.DatabaseError as exc:
+            raise ConfigError(f"cannot open the KMS store {path}: {exc}") from None
+        self._conn = conn
+        # One connection per store object; the lock keeps threads from interleaving transactions.
+        self._lock = threading.RLock()
+        self._migrate()
+        for suffix in ("-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(f"{path}{suffix}", 0o600)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextlib.contextmanager
+    def transaction(self, *, write: bool) -> Iterator[Tx]:
+        """Run the block in one transaction: committed if it returns, rolled back if it raises."""
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            except sqlite3.OperationalError as exc:
+                raise KmsError("ServiceUnavailableTemporary", f"The KMS store is busy; try again ({exc}).") from None
+            try:
+                yield Tx(self._conn)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            try:
+                self._conn.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                self._conn.execute("ROLLBACK")
+                raise KmsError("ServiceUnavailableTemporary", f"Could not commit; try again ({exc}).") from None
+
+    def schema_version(self) -> int:
+        with self.transaction(write=False) as tx:
+            raw = self._meta_or_none(tx, "schema_version")
+        return int(raw) if raw is not None else 0
+
+    @staticmethod
+    def _meta_or_none(tx: Tx, name: str) -> bytes | None:
+        try:
+            return tx.meta_get(name)
+        except sqlite3.OperationalError:  # no meta table yet: a brand-new file
+            return None
+
+    def _migrate(self) -> None:
+        with self.transaction(write=True) as tx:
+            raw = self._meta_or_none(tx, "schema_version")
+            current = int(raw) if raw is not None else 0
+            if current > SCHEMA_VERSION:
+                raise ConfigError(
+                    f"the KMS store {self.path} has schema version {current}, newer than this kmsenv "
+                    f"understands ({SCHEMA_VERSION})",
+                    hint="upgrade kmsenv to use this store",
+                )
+            for version in range(current, SCHEMA_VERSION):
+                for statement in _MIGRATIONS[version].split(";"):
+                    if statement.strip():
+                        self._conn.execute(statement)
+                tx.meta_set("schema_version", str(version + 1).encode("ascii"))
+
+
+def dumps_tags(tags: list[dict[str, str]]) -> str:
+    return json.dumps(tags, ensure_ascii=False, separators=(",", ":"))
