@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from kmsenv.cli import files, kms
+from kmsenv.cli import access, files, kms
 
 __all__ = ["main"]
 
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     kms.register(sub)
     files.register(sub)
+    access.register(sub)
     return parser
 
 

@@ -10,6 +10,7 @@ declare are ignored, as Alibaba's gateway ignores unknown ones (common parameter
 
 from __future__ import annotations
 
+import contextlib
 import re
 import uuid
 from collections.abc import Mapping
@@ -17,11 +18,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from kmsenv.errors import KmsError
+from kmsenv.kms.blob import decode_blob
 
 if TYPE_CHECKING:
+    from kmsenv.kms.policy import Policy
     from kmsenv.kms.service import KmsService
 
-__all__ = ["ACTIONS", "API_VERSION", "Action", "Param", "dispatch", "new_request_id"]
+__all__ = ["ACTIONS", "API_VERSION", "Action", "Param", "authorize", "dispatch", "new_request_id", "request_resources"]
 
 API_VERSION = "2016-01-20"
 
@@ -192,3 +195,40 @@ def dispatch(service: KmsService, action_name: str, params: Mapping[str, str]) -
         kwargs[param.attr] = _convert(param, raw)
     response: dict[str, Any] = getattr(service, action.method)(**kwargs)
     return {**response, "RequestId": new_request_id()}
+
+
+_KEY_PARAMS = ("KeyId", "DestinationKeyId", "SourceKeyId", "ProtectedResourceArn")
+
+
+def request_resources(service: KmsService, action: Action, params: Mapping[str, str]) -> list[str]:
+    """The ARNs a request touches, as RAM policies name them."""
+    arns: list[str] = []
+    for name in _KEY_PARAMS:
+        ident = params.get(name)
+        if ident:
+            arns.extend(service.resource_arns(ident))
+    blob = params.get("CiphertextBlob")
+    if blob:
+        with contextlib.suppress(KmsError):  # a malformed blob is the handler's to report
+            arns.append(service.key_arn(decode_blob(blob).key_id))
+    alias = params.get("AliasName")
+    if alias:
+        arns.append(service.alias_arn(alias))
+    if not arns:  # CreateKey, ListKeys, ListAliases: the account's key or alias collection
+        kind = "alias" if action.name == "ListAliases" else "key"
+        arns.append(f"acs:kms:{service.region}:{service.account_id}:{kind}")
+    return list(dict.fromkeys(arns))
+
+
+def authorize(service: KmsService, policy: Policy | None, action_name: str, params: Mapping[str, str]) -> None:
+    """Raise Forbidden.NoPermission unless ``policy`` (None = full access) allows the request."""
+    action = ACTIONS.get(action_name)
+    if policy is None or action is None:
+        return
+    resources = request_resources(service, action, params)
+    if not policy.allows(f"kms:{action.name}", resources):
+        raise KmsError(
+            "Forbidden.NoPermission",
+            f"This action is forbidden: the AccessKey's policy does not allow kms:{action.name} "
+            f"on {', '.join(resources)}.",
+        )

@@ -200,14 +200,41 @@ class KmsService:
         self.store.close()
 
     # ---------------------------------------------------------------------------- plumbing --
-    def _now(self) -> str:
+    def now(self) -> str:
+        """The service clock's current time in Alibaba's format (``YYYY-MM-DDThh:mm:ssZ``)."""
         return fmt_time(self.clock())
+
+    @property
+    def root_key(self) -> RootKey:
+        return self._root
 
     def key_arn(self, key_id: str) -> str:
         return f"acs:kms:{self.region}:{self.account_id}:key/{key_id}"
 
     def alias_arn(self, alias_name: str) -> str:
         return f"acs:kms:{self.region}:{self.account_id}:{alias_name}"
+
+    def resource_arns(self, ident: str) -> list[str]:
+        """ARNs a request naming ``ident`` (key id/ARN, alias/alias ARN) touches, for policy checks:
+        the key's ARN and, when an alias was named, the alias's ARN. An unknown key or alias still
+        yields its would-be ARN, so a policy decides before "not found" is revealed."""
+        arns: list[str] = []
+        alias_name = None
+        if ident.startswith("acs:kms:"):
+            arns.append(ident)
+            resource = ident.split(":", 4)[-1]
+            alias_name = resource if resource.startswith("alias/") else None
+        elif ident.startswith("alias/"):
+            alias_name = ident
+            arns.append(self.alias_arn(ident))
+        else:
+            arns.append(self.key_arn(ident))
+        if alias_name is not None:
+            with self.store.transaction(write=False) as tx:
+                alias = tx.get_alias(alias_name)
+            if alias is not None:
+                arns.append(self.key_arn(alias.key_id))
+        return arns
 
     @contextmanager
     def _tx(self, *, write: bool) -> Iterator[Tx]:
@@ -217,7 +244,7 @@ class KmsService:
 
     def _housekeeping(self) -> None:
         """Carry out deletions and automatic rotations that have fallen due."""
-        now = self._now()
+        now = self.now()
         with self.store.transaction(write=False) as tx:
             due = tx.due_key_ids(now)
         if not due:
@@ -414,7 +441,7 @@ class KmsService:
         if enable_automatic_rotation and origin == "EXTERNAL":
             raise KmsError("Unsupported.Origin", "Automatic rotation is not supported for keys with imported material.")
         parsed_tags = _parse_tags(tags)
-        now = self._now()
+        now = self.now()
         key = KeyRecord(
             key_id=str(uuid.uuid4()),
             description=description,
@@ -459,7 +486,7 @@ class KmsService:
         with self._tx(write=True) as tx:
             key = self._resolve(tx, key_id)
             self._check_state(action, key)
-            change(key, self._now())
+            change(key, self.now())
             tx.update_key(key)
         return {}
 
@@ -541,7 +568,7 @@ class KmsService:
         with self._tx(write=True) as tx:
             key = self._resolve(tx, key_id)
             self._check_state("CreateAlias", key)
-            now = self._now()
+            now = self.now()
             tx.insert_alias(AliasRecord(name, key.key_id, now, now))
         return {}
 
@@ -552,7 +579,7 @@ class KmsService:
                 raise KmsError("Forbidden.AliasNotFound", f"The specified Alias is not found: {name}.")
             key = self._resolve(tx, key_id)
             self._check_state("UpdateAlias", key)
-            tx.update_alias(name, key.key_id, self._now())
+            tx.update_alias(name, key.key_id, self.now())
         return {}
 
     def delete_alias(self, *, alias_name: str | None = None) -> Response:
@@ -713,7 +740,7 @@ class KmsService:
             self._check_state("CreateKeyVersion", key)
             if key.origin != "Aliyun_KMS":
                 raise KmsError("Unsupported.Origin", "Keys with imported material cannot get new versions.")
-            now = self._now()
+            now = self.now()
             version = self._new_version(tx, key, now)
             key.last_rotation_date = now
             tx.update_key(key)

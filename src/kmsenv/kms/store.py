@@ -23,7 +23,7 @@ from typing import Any
 
 from kmsenv.errors import ConfigError, KmsError
 
-__all__ = ["SCHEMA_VERSION", "AliasRecord", "KeyRecord", "SqliteStore", "Tx", "VersionRecord"]
+__all__ = ["SCHEMA_VERSION", "AccessKeyRecord", "AliasRecord", "KeyRecord", "SqliteStore", "Tx", "VersionRecord"]
 
 _MIGRATIONS: tuple[str, ...] = (
     # 1: keys, versions, aliases, tombstones of destroyed keys.
@@ -67,6 +67,18 @@ _MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX aliases_key ON aliases(key_id);
     CREATE TABLE deleted_keys (key_id TEXT PRIMARY KEY, deleted_at TEXT NOT NULL);
+    """,
+    # 2: AccessKeys for the HTTP server; the secret is sealed under the root key.
+    """
+    CREATE TABLE access_keys (
+        access_key_id TEXT PRIMARY KEY,
+        sealed_secret BLOB NOT NULL,
+        status TEXT NOT NULL,
+        description TEXT NOT NULL DEFAULT '',
+        policy TEXT,
+        creation_date TEXT NOT NULL,
+        update_date TEXT NOT NULL
+    );
     """,
 )
 
@@ -113,6 +125,20 @@ class AliasRecord:
     key_id: str
     creation_date: str
     update_date: str
+
+
+@dataclass(slots=True)
+class AccessKeyRecord:
+    access_key_id: str
+    sealed_secret: bytes
+    status: str  # "Active" | "Inactive"
+    description: str
+    policy: str | None  # JSON policy document; None = full access
+    creation_date: str
+    update_date: str
+
+
+_AK_COLUMNS = tuple(f.name for f in fields(AccessKeyRecord))
 
 
 def _key_from_row(row: sqlite3.Row) -> KeyRecord:
@@ -257,6 +283,34 @@ class Tx:
             [*args, limit, offset],
         ).fetchall()
         return [AliasRecord(*r) for r in rows], int(total)
+
+
+    # -- access keys -----------------------------------------------------------------------
+    def insert_access_key(self, rec: AccessKeyRecord) -> None:
+        cols = ", ".join(_AK_COLUMNS)
+        marks = ", ".join("?" for _ in _AK_COLUMNS)
+        self._c.execute(
+            f"INSERT INTO access_keys({cols}) VALUES ({marks})",  # noqa: S608 (column names are ours)
+            [getattr(rec, c) for c in _AK_COLUMNS],
+        )
+
+    def get_access_key(self, access_key_id: str) -> AccessKeyRecord | None:
+        row = self._c.execute("SELECT * FROM access_keys WHERE access_key_id = ?", (access_key_id,)).fetchone()
+        return None if row is None else AccessKeyRecord(*(row[c] for c in _AK_COLUMNS))
+
+    def update_access_key(self, rec: AccessKeyRecord) -> None:
+        cols = [c for c in _AK_COLUMNS if c != "access_key_id"]
+        self._c.execute(
+            f"UPDATE access_keys SET {', '.join(f'{c} = ?' for c in cols)} WHERE access_key_id = ?",  # noqa: S608
+            [*(getattr(rec, c) for c in cols), rec.access_key_id],
+        )
+
+    def delete_access_key(self, access_key_id: str) -> None:
+        self._c.execute("DELETE FROM access_keys WHERE access_key_id = ?", (access_key_id,))
+
+    def list_access_keys(self) -> list[AccessKeyRecord]:
+        rows = self._c.execute("SELECT * FROM access_keys ORDER BY creation_date, access_key_id").fetchall()
+        return [AccessKeyRecord(*(r[c] for c in _AK_COLUMNS)) for r in rows]
 
 
 def _create_private_file(path: Path) -> None:

@@ -1,0 +1,66 @@
+"""Request nonces seen within the clock window, shared by every server process on one KMS home.
+
+Alibaba's gateway refuses a ``SignatureNonce`` reused by the same AccessKey inside the 15-minute
+timestamp window (``SignatureNonceUsed``). Replay protection must hold whichever worker process
+receives the replay, so the nonces live in SQLite (``nonces.db`` beside the store), where the
+primary key makes "claim this nonce" atomic across processes.
+
+It is a separate file from ``kms.db`` on purpose: every request writes a nonce, and those writes
+must not queue behind (or block) key-management transactions. Its commits skip fsync
+(``synchronous=NORMAL`` in WAL mode): after a power loss, the last moments' nonces may be
+forgotten, which re-opens replay of those few requests until their timestamps expire — a bounded
+risk traded for not paying a disk flush per request. Key data never goes through this file.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from kmsenv.errors import KmsError
+
+__all__ = ["NonceStore"]
+
+_PURGE_EVERY_S = 30.0
+
+
+class NonceStore:
+    def __init__(self, path: Path) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._conn.execute("PRAGMA busy_timeout = 30000")
+        self._conn.execute("PRAGMA journal_mode = WAL")
+        self._conn.execute("PRAGMA synchronous = NORMAL")
+        self._conn.execute(
+            "CREATE TABLE IF NOT EXISTS nonces (access_key_id TEXT NOT NULL, nonce TEXT NOT NULL, "
+            "expires_at INTEGER NOT NULL, PRIMARY KEY (access_key_id, nonce))"
+        )
+        self._conn.execute("CREATE INDEX IF NOT EXISTS nonces_expiry ON nonces(expires_at)")
+        self._lock = threading.Lock()
+        self._last_purge = 0.0
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def claim(self, access_key_id: str, nonce: str, *, window_s: int, now: float | None = None) -> bool:
+        """Record ``nonce`` for ``access_key_id``; False if it was already used within the window."""
+        now = time.time() if now is None else now
+        with self._lock:
+            try:
+                if now - self._last_purge > _PURGE_EVERY_S:
+                    self._conn.execute("DELETE FROM nonces WHERE expires_at < ?", (int(now),))
+                    self._last_purge = now
+                self._conn.execute(
+                    "INSERT INTO nonces(access_key_id, nonce, expires_at) VALUES (?, ?, ?)",
+                    (access_key_id, nonce, int(now) + 2 * window_s),
+                )
+            except sqlite3.IntegrityError:
+                return False
+            except sqlite3.OperationalError as exc:
+                raise KmsError("ServiceUnavailableTemporary", f"The nonce store is busy; try again ({exc}).") from None
+        return True
