@@ -1,0 +1,172 @@
+"""Per-file keys of format v1: the KDF, the key commitment and the header tag (docs/format.md §6).
+
+This module owns everything in the header that needs the data key. From one data key and the
+header's random salt it derives three values, each under its own HKDF label:
+
+* the payload key (AES-256-GCM for the chunks),
+* the commitment, stored in the header: GCM is not key-committing, so without it one file could
+  decrypt to different plaintexts under two data keys wrapped for two recipients ("invisible
+  salamanders", partitioning oracles);
+* the header MAC key, for the HMAC-SHA256 tag over every header byte before the tag.
+
+The wrapped-key stanzas are deliberately *not* KDF input, only tag input: ``rewrap`` replaces
+them and recomputes the tag without touching the payload. Everything else in the header (suite,
+chunk size, context) is bound into the KDF as well as the tag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import NoReturn
+
+from kmsenv import _crypto
+from kmsenv.errors import FormatError, IntegrityError
+from kmsenv.format.header import (
+    DEFAULT_CHUNK_SIZE,
+    SALT_SIZE,
+    SUITE_AES256GCM_HKDF_SHA256,
+    Header,
+    KeyStanza,
+    chunk_log2,
+    encode_context,
+)
+
+__all__ = ["DATA_KEY_SIZE", "FileKey", "new_header", "open_header", "rewrap_header"]
+
+DATA_KEY_SIZE = 32
+KDF_LABEL = b"kmsenv-v1"
+_PURPOSES = (b"payload", b"commitment", b"header-mac")
+#: The one message for every header authentication failure: wrong key and modified header must
+#: look the same to whoever is probing.
+_HEADER_FAILED = "header failed authentication: the file was modified or the data key is wrong"
+
+
+class FileKey:
+    """The keys derived for one file. A handle: its repr shows nothing and it refuses pickling.
+
+    Only :mod:`kmsenv.format` builds these (via :func:`new_header` or :func:`open_header`).
+    """
+
+    __slots__ = ("_aead", "_chunk_size", "_commitment", "_mac_key")
+
+    def __init__(
+        self, data_key: bytes, header_binding: tuple[int, int, Mapping[str, str]], salt: bytes
+    ) -> None:
+        suite, chunk_size, context = header_binding
+        if suite != SUITE_AES256GCM_HKDF_SHA256:
+            raise FormatError(f"unsupported algorithm suite {suite}")
+        if not isinstance(data_key, bytes | bytearray | memoryview) or len(data_key) != DATA_KEY_SIZE:
+            raise FormatError(f"suite {suite} needs a {DATA_KEY_SIZE}-byte data key")
+        binding = b"".join(
+            (suite.to_bytes(2, "big"), bytes([chunk_log2(chunk_size)]), encode_context(context))
+        )
+        payload, commitment, mac_key = (
+            _crypto.hkdf_sha256(
+                bytes(data_key), salt=salt, info=KDF_LABEL + b"\x00" + purpose + b"\x00" + binding, length=32
+            )
+            for purpose in _PURPOSES
+        )
+        self._aead = _crypto.AesGcm(payload)
+        self._commitment = commitment
+        self._mac_key = mac_key
+        self._chunk_size = chunk_size
+
+    @property
+    def aead(self) -> _crypto.AesGcm:
+        """The payload cipher (AES-256-GCM under the payload key)."""
+        return self._aead
+
+    @property
+    def chunk_size(self) -> int:
+        """The chunk size this key was derived for (it is KDF input)."""
+        return self._chunk_size
+
+    def __repr__(self) -> str:
+        return "FileKey(<hidden>)"
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("FileKey objects hold key material and cannot be pickled")
+
+    def tag(self, header: Header) -> bytes:
+        return _crypto.hmac_sha256(self._mac_key, header.authenticated_bytes())
+
+    def commitment(self) -> bytes:
+        return self._commitment
+
+
+def _binding(header: Header) -> tuple[int, int, Mapping[str, str]]:
+    return header.suite, header.chunk_size, header.context
+
+
+def _seal(draft: Header, file_key: FileKey) -> Header:
+    """``draft`` with its tag computed (the tag field is excluded from what it covers)."""
+    return dataclasses.replace(draft, tag=file_key.tag(draft))
+
+
+def new_header(
+    data_key: bytes,
+    *,
+    stanzas: Sequence[KeyStanza],
+    context: Mapping[str, str],
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[Header, FileKey]:
+    """A fresh header (random salt, commitment, tag) and the file key to encrypt the payload with."""
+    return _new_header(
+        data_key,
+        stanzas=stanzas,
+        context=context,
+        chunk_size=chunk_size,
+        salt=_crypto.random_bytes(SALT_SIZE),
+    )
+
+
+def _new_header(
+    data_key: bytes,
+    *,
+    stanzas: Sequence[KeyStanza],
+    context: Mapping[str, str],
+    chunk_size: int,
+    salt: bytes,
+) -> tuple[Header, FileKey]:
+    """:func:`new_header` with the salt passed in: the deterministic seam for test vectors only."""
+    suite = SUITE_AES256GCM_HKDF_SHA256
+    file_key = FileKey(data_key, (suite, chunk_size, context), salt)
+    draft = Header(
+        suite=suite,
+        chunk_size=chunk_size,
+        salt=salt,
+        context=context,
+        stanzas=tuple(stanzas),
+        commitment=file_key.commitment(),
+        tag=bytes(32),
+    )
+    return _seal(draft, file_key), file_key
+
+
+def open_header(header: Header, data_key: bytes) -> FileKey:
+    """Check the commitment, then the header tag, both in constant time; return the file key.
+
+    IntegrityError (one message for both checks) if either fails. Call this before decrypting any
+    chunk: an unauthenticated header could carry an attacker's chunk size or context.
+    """
+    file_key = FileKey(data_key, _binding(header), header.salt)
+    # Commitment first: it is what makes a second data key (a malicious second stanza) fail
+    # here instead of decrypting the payload to other plaintext.
+    committed = _crypto.constant_time_eq(file_key.commitment(), header.commitment)
+    tagged = _crypto.constant_time_eq(file_key.tag(header), header.tag)
+    if not (committed and tagged):
+        raise IntegrityError(_HEADER_FAILED)
+    return file_key
+
+
+def rewrap_header(header: Header, file_key: FileKey, stanzas: Sequence[KeyStanza]) -> Header:
+    """``header`` with new wrapped keys: same salt, context and commitment, a new tag.
+
+    The payload stays valid because stanzas are not KDF input. ``file_key`` must be the one
+    :func:`open_header` returned for this header (checked: a mismatched key would produce a
+    header that no holder of the data key could open).
+    """
+    if not _crypto.constant_time_eq(file_key.commitment(), header.commitment):
+        raise IntegrityError(_HEADER_FAILED)
+    return _seal(dataclasses.replace(header, stanzas=tuple(stanzas)), file_key)

@@ -1,0 +1,212 @@
+"""The v1 payload: a STREAM of AES-256-GCM chunks, encrypted and decrypted in constant memory.
+
+This module owns the chunk framing (docs/format.md §7) and the engine that moves bytes:
+
+* The plaintext is cut into ``chunk_size`` pieces; each is sealed under the payload key with the
+  nonce ``counter (11 bytes, big-endian) || final flag (1 byte)``. The counter stops chunks being
+  reordered, dropped or duplicated; the flag, set only on the last chunk, stops truncation at a
+  chunk boundary and appended chunks (EOF without a final chunk, or bytes after it, fail).
+* Whether a chunk is the last one is only known after trying to read the next, so the reader
+  always looks one record ahead. Nothing ever seeks: ``src`` and ``dst`` may be pipes.
+* Memory is a fixed set of reusable buffers (``readinto``, ``encrypt_into``/``decrypt_into``):
+  no per-chunk allocation and nothing that grows with the file.
+* ``threads=1`` runs everything inline. ``threads>1`` hands the AEAD calls (which release the
+  GIL) to a small pool while this thread reads and writes; results are written strictly in
+  order and the window of chunks in flight is bounded. Both paths produce identical bytes.
+
+Decryption writes a chunk's plaintext only after that chunk's tag verified, and stops at the
+first failure: chunks after a bad one are never released, even if they were already decrypted.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import BinaryIO
+
+from kmsenv._crypto import GCM_TAG_SIZE
+from kmsenv.errors import InputError, IntegrityError, OutputError
+from kmsenv.format.keys import FileKey
+
+__all__ = ["CHUNK_TAG_SIZE", "decrypt_stream", "encrypt_stream", "payload_size"]
+
+CHUNK_TAG_SIZE = GCM_TAG_SIZE
+_COUNTER_SIZE = 11
+_FINAL = b"\x01"
+_NOT_FINAL = b"\x00"
+#: Chunks in flight per worker thread: enough to keep workers busy while this thread does I/O.
+_WINDOW_PER_THREAD = 2
+_PAYLOAD_FAILED = "payload failed authentication"
+
+
+def payload_size(plaintext_size: int, chunk_size: int) -> int:
+    """Bytes of payload (chunks and tags) that ``plaintext_size`` bytes encrypt to."""
+    chunks = max(1, -(-plaintext_size // chunk_size))
+    return plaintext_size + chunks * CHUNK_TAG_SIZE
+
+
+def _nonce(counter: int, final: bool) -> bytes:
+    # to_bytes raises OverflowError at 2^88 chunks rather than ever reusing a nonce.
+    return counter.to_bytes(_COUNTER_SIZE, "big") + (_FINAL if final else _NOT_FINAL)
+
+
+class _Slot:
+    """One record's reusable buffers: what was read, and what the AEAD wrote."""
+
+    __slots__ = ("inp", "out")
+
+    def __init__(self, size: int) -> None:
+        self.inp = memoryview(bytearray(size))
+        self.out = memoryview(bytearray(size))
+
+
+#: (counter, final, slot, bytes read into slot.inp) -> bytes written into slot.out
+_Job = Callable[[int, bool, _Slot, int], int]
+
+
+def _fill(src: BinaryIO, view: memoryview) -> int:
+    """Read until ``view`` is full or EOF; return the count. Short reads (pipes) are normal."""
+    readinto = getattr(src, "readinto", None)
+    got = 0
+    while got < len(view):
+        if readinto is not None:
+            n = readinto(view[got:])
+        else:
+            part = src.read(len(view) - got)
+            n = len(part)
+            view[got : got + n] = part
+        if n is None:
+            # A non-blocking source with no data: treating it as EOF would silently truncate.
+            raise InputError("the input is non-blocking and has no data ready")
+        if n == 0:
+            break
+        got += n
+    return got
+
+
+def _write_all(dst: BinaryIO, data: memoryview) -> None:
+    while data:
+        n = dst.write(data)
+        if n is None:
+            raise OutputError("the output is non-blocking and cannot take data now")
+        data = data[n:]
+
+
+def _records(
+    src: BinaryIO, size: int, acquire: Callable[[], _Slot]
+) -> Iterator[tuple[int, bool, _Slot, int]]:
+    """Yield (counter, final, slot, length) for each record of at most ``size`` bytes in ``src``.
+
+    A full record is final only if nothing follows it, so the next one is read before yielding.
+    Empty input yields one empty final record (an empty plaintext is one empty chunk).
+    """
+    slot = acquire()
+    n = _fill(src, slot.inp[:size])
+    for counter in itertools.count():
+        nxt, m = slot, 0
+        if n == size:
+            nxt = acquire()
+            m = _fill(src, nxt.inp[:size])
+        final = n < size or m == 0
+        yield counter, final, slot, n
+        if final:
+            return
+        slot, n = nxt, m
+
+
+def _pump(src: BinaryIO, dst: BinaryIO, size: int, job: _Job, threads: int) -> tuple[int, int]:
+    """Run ``job`` over every record of ``src`` and write the outputs to ``dst`` in order.
+
+    Returns (bytes read, bytes written).
+    """
+    if not isinstance(threads, int) or threads < 1:
+        raise ValueError("threads must be a positive integer")
+    read = written = 0
+    buffer_size = size + CHUNK_TAG_SIZE
+    if threads == 1:
+        pair = itertools.cycle((_Slot(buffer_size), _Slot(buffer_size)))
+        for counter, final, slot, n in _records(src, size, pair.__next__):
+            out = job(counter, final, slot, n)
+            _write_all(dst, slot.out[:out])
+            read += n
+            written += out
+        return read, written
+
+    window = _WINDOW_PER_THREAD * threads
+    free = [_Slot(buffer_size) for _ in range(window + 2)]  # +2: the record being read and the look-ahead
+    inflight: deque[tuple[Future[int], _Slot]] = deque()
+
+    def drain_one() -> None:
+        nonlocal written
+        future, slot = inflight.popleft()
+        out = future.result()  # re-raises the job's IntegrityError: later chunks are never written
+        _write_all(dst, slot.out[:out])
+        written += out
+        free.append(slot)
+
+    def acquire() -> _Slot:
+        while not free:
+            drain_one()
+        return free.pop()
+
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kmsenv-chunk")
+    try:
+        for counter, final, slot, n in _records(src, size, acquire):
+            inflight.append((pool.submit(job, counter, final, slot, n), slot))
+            read += n
+        while inflight:
+            drain_one()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return read, written
+
+
+def _check_chunk_size(file_key: FileKey, chunk_size: int) -> None:
+    # The chunk size is KDF input, so a mismatch could only produce a file nobody can read.
+    if chunk_size != file_key.chunk_size:
+        raise ValueError("chunk_size differs from the chunk size in the header this key belongs to")
+
+
+def encrypt_stream(
+    src: BinaryIO, dst: BinaryIO, file_key: FileKey, *, chunk_size: int, threads: int = 2
+) -> int:
+    """Encrypt ``src`` to EOF as v1 chunks onto ``dst`` (the caller already wrote the header).
+
+    Returns the number of plaintext bytes read.
+    """
+    _check_chunk_size(file_key, chunk_size)
+    aead = file_key.aead
+
+    def seal(counter: int, final: bool, slot: _Slot, n: int) -> int:
+        aead.encrypt_into(_nonce(counter, final), slot.inp[:n], None, slot.out[: n + CHUNK_TAG_SIZE])
+        return n + CHUNK_TAG_SIZE
+
+    return _pump(src, dst, chunk_size, seal, threads)[0]
+
+
+def decrypt_stream(
+    src: BinaryIO, dst: BinaryIO, file_key: FileKey, *, chunk_size: int, threads: int = 2
+) -> int:
+    """Decrypt the v1 chunks from ``src`` (positioned just after the header) onto ``dst``.
+
+    Each chunk's plaintext is written only after its tag verified. IntegrityError on any
+    modification, reordering, truncation or trailing bytes; ``dst`` then holds the plaintext of
+    the chunks before the first bad one, which the caller must discard. Returns the number of
+    plaintext bytes written.
+    """
+    _check_chunk_size(file_key, chunk_size)
+    aead = file_key.aead
+
+    def open_(counter: int, final: bool, slot: _Slot, n: int) -> int:
+        # A record too short for a tag is a truncation; an empty final chunk after other chunks
+        # is an encoding the writer never produces (one plaintext, one ciphertext).
+        if n < CHUNK_TAG_SIZE or (final and counter > 0 and n == CHUNK_TAG_SIZE):
+            raise IntegrityError(_PAYLOAD_FAILED)
+        aead.decrypt_into(
+            _nonce(counter, final), slot.inp[:n], None, slot.out[: n - CHUNK_TAG_SIZE], what="payload"
+        )
+        return n - CHUNK_TAG_SIZE
+
+    return _pump(src, dst, chunk_size + CHUNK_TAG_SIZE, open_, threads)[1]
