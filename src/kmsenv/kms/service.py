@@ -55,6 +55,7 @@ _DEFAULT_ROTATION = 365 * 86400
 MAX_ENCRYPT_PLAINTEXT = 6144
 MAX_DESCRIPTION = 8192
 MAX_PAGE_SIZE = 100
+MAX_PAGE_NUMBER = 2**31 - 1
 
 _CRYPTO = {
     "Disabled": "Rejected.Disabled",
@@ -131,8 +132,9 @@ def _require_text(value: str | None, name: str) -> str:
 def _paging(page_number: int | None, page_size: int | None) -> tuple[int, int]:
     number = 1 if page_number is None else page_number
     size = 10 if page_size is None else page_size
-    if number < 1:
-        raise KmsError.invalid_parameter("PageNumber", "It must be at least 1.")
+    if not 1 <= number <= MAX_PAGE_NUMBER:
+        # Alibaba's PageNumber is an Integer; without a bound the row offset overflows SQLite's int64.
+        raise KmsError.invalid_parameter("PageNumber", f"It must be between 1 and {MAX_PAGE_NUMBER}.")
     if not 1 <= size <= MAX_PAGE_SIZE:
         raise KmsError.invalid_parameter("PageSize", f"It must be between 1 and {MAX_PAGE_SIZE}.")
     return number, size
