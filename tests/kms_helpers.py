@@ -56,6 +56,7 @@ EXPECTED_STATUS = {
     "ServiceUnavailableTemporary": 503,
 }
 
+
 def expect_error(fn: Callable[..., Any], code: str, *args: Any, match: str | None = None, **kwargs: Any) -> KmsError:
     """Call ``fn`` and assert it fails with ``code`` (and its HTTP status, and ``match`` in the message)."""
     with pytest.raises(KmsError) as info:
@@ -74,7 +75,7 @@ def snapshot(home: Path) -> dict[str, list[tuple[Any, ...]]]:
     conn = sqlite3.connect(f"file:{home / 'kms.db'}?mode=ro", uri=True)
     try:
         tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        return {t: sorted(conn.execute(f"SELECT * FROM {t}").fetchall()) for t in tables}  # noqa: S608
+        return {t: sorted(conn.execute(f"SELECT * FROM {t}").fetchall()) for t in tables}
     finally:
         conn.close()
 
