@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from kmsenv.cli import access, files, kms
+from kmsenv.cli import access, audit, files, kms, server
 
 __all__ = ["main"]
 
@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     kms.register(sub)
     files.register(sub)
     access.register(sub)
+    server.register(sub)
+    audit.register(sub)
     return parser
 
 
