@@ -537,7 +537,8 @@ class KmsService:
 
     def cancel_key_deletion(self, *, key_id: str | None = None) -> Response:
         def change(key: KeyRecord, now: str) -> None:
-            key.key_state = "Enabled"
+            # A key that never got material (EXTERNAL, PendingImport when scheduled) cannot be Enabled.
+            key.key_state = "Enabled" if key.primary_version_id is not None else "PendingImport"
             key.delete_date = None
 
         return self._change_key("CancelKeyDeletion", key_id, change)
