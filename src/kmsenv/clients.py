@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from kmsenv.errors import KmsError
 if TYPE_CHECKING:
     from kmsenv.kms.service import KmsService
 
-__all__ = ["DataKey", "EmbeddedKms", "Kms", "UnwrappedKey", "WrappedKey"]
+__all__ = ["AlibabaKms", "DataKey", "EmbeddedKms", "Kms", "UnwrappedKey", "WrappedKey"]
 
 #: Provider id written into file headers for any KMS speaking the Alibaba Cloud KMS 2016-01-20 API
 #: (the embedded one, a kmsenv server, the real cloud): the key ARN says which one.
@@ -111,14 +112,77 @@ def _b64_data_key(text: str) -> bytes:
         ) from None
 
 
-def _context_param(context: Mapping[str, str]) -> dict[str, str] | None:
-    return dict(context) if context else None
+def _context_param(context: Mapping[str, str]) -> dict[str, str]:
+    """Wire form of a context: absent when empty (an empty context is no context)."""
+    if not context:
+        return {}
+    return {"EncryptionContext": json.dumps(dict(context), ensure_ascii=False, separators=(",", ":"))}
 
 
-class EmbeddedKms:
+class _ActionKms:
+    """The four ``Kms`` calls expressed as KMS Actions with wire (string) parameters.
+
+    Subclasses say how an Action is carried out (in process, or over HTTP); the mapping from the
+    protocol to Actions and back is written once, here.
+    """
+
+    @property
+    def provider_id(self) -> str:
+        return ACS_KMS_PROVIDER
+
+    def call(self, action: str, params: dict[str, str]) -> dict[str, Any]:
+        """Run any KMS Action with wire (string) parameters; return the response body."""
+        raise NotImplementedError
+
+    def _key_arn(self, key_id: str) -> str:
+        raise NotImplementedError
+
+    def _wrapped(self, r: Mapping[str, Any]) -> WrappedKey:
+        return WrappedKey(r["KeyId"], self._key_arn(r["KeyId"]), r["KeyVersionId"], r["CiphertextBlob"])
+
+    def generate_data_key(
+        self, key_id: str, *, encryption_context: Mapping[str, str], number_of_bytes: int = 32
+    ) -> DataKey:
+        r = self.call(
+            "GenerateDataKey",
+            {"KeyId": key_id, "NumberOfBytes": str(number_of_bytes), **_context_param(encryption_context)},
+        )
+        return DataKey(self._wrapped(r), _b64_data_key(r["Plaintext"]))
+
+    def decrypt_data_key(self, ciphertext_blob: str, *, encryption_context: Mapping[str, str]) -> UnwrappedKey:
+        r = self.call("Decrypt", {"CiphertextBlob": ciphertext_blob, **_context_param(encryption_context)})
+        return UnwrappedKey(r["KeyId"], r["KeyVersionId"], _b64_data_key(r["Plaintext"]))
+
+    def encrypt_data_key(
+        self, key_id: str, plaintext: bytes, *, encryption_context: Mapping[str, str]
+    ) -> WrappedKey:
+        params = {"KeyId": key_id, "Plaintext": base64.b64encode(plaintext).decode("ascii")}
+        return self._wrapped(self.call("Encrypt", {**params, **_context_param(encryption_context)}))
+
+    def re_encrypt_data_key(
+        self,
+        ciphertext_blob: str,
+        *,
+        destination_key_id: str,
+        source_encryption_context: Mapping[str, str],
+        destination_encryption_context: Mapping[str, str],
+    ) -> WrappedKey:
+        params = {"CiphertextBlob": ciphertext_blob, "DestinationKeyId": destination_key_id}
+        source = _context_param(source_encryption_context)
+        if source:
+            params["SourceEncryptionContext"] = source["EncryptionContext"]
+        destination = _context_param(destination_encryption_context)
+        if destination:
+            params["DestinationEncryptionContext"] = destination["EncryptionContext"]
+        return self._wrapped(self.call("ReEncrypt", params))
+
+
+class EmbeddedKms(_ActionKms):
     """The in-process KMS over a KMS home (SQLite store + root key); no server involved.
 
     ``EmbeddedKms()`` uses ``KMSENV_HOME`` (default ``~/.kmsenv``), creating it on first use.
+    Actions go through the same wire-parameter dispatcher as the CLI and the server, so the
+    embedded KMS validates exactly like a remote one.
     """
 
     def __init__(self, home: Path | str | None = None, *, service: KmsService | None = None) -> None:
@@ -127,10 +191,6 @@ class EmbeddedKms:
 
             service = open_service(Path(home) if home is not None else None)
         self.service = service
-
-    @property
-    def provider_id(self) -> str:
-        return ACS_KMS_PROVIDER
 
     def close(self) -> None:
         self.service.close()
@@ -141,42 +201,54 @@ class EmbeddedKms:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _arn(self, key_id: str) -> str:
+    def call(self, action: str, params: dict[str, str]) -> dict[str, Any]:
+        from kmsenv.kms.actions import dispatch
+
+        return dispatch(self.service, action, params)
+
+    def _key_arn(self, key_id: str) -> str:
         return self.service.key_arn(key_id)
 
-    def generate_data_key(
-        self, key_id: str, *, encryption_context: Mapping[str, str], number_of_bytes: int = 32
-    ) -> DataKey:
-        r = self.service.generate_data_key(
-            key_id=key_id, number_of_bytes=number_of_bytes, encryption_context=_context_param(encryption_context)
-        )
-        wrapped = WrappedKey(r["KeyId"], self._arn(r["KeyId"]), r["KeyVersionId"], r["CiphertextBlob"])
-        return DataKey(wrapped, _b64_data_key(r["Plaintext"]))
 
-    def decrypt_data_key(self, ciphertext_blob: str, *, encryption_context: Mapping[str, str]) -> UnwrappedKey:
-        r = self.service.decrypt(ciphertext_blob=ciphertext_blob, encryption_context=_context_param(encryption_context))
-        return UnwrappedKey(r["KeyId"], r["KeyVersionId"], _b64_data_key(r["Plaintext"]))
+class AlibabaKms(_ActionKms):
+    """A remote KMS speaking the Alibaba Cloud KMS API: a kmsenv server or Alibaba Cloud itself.
 
-    def encrypt_data_key(self, key_id: str, plaintext: bytes, *, encryption_context: Mapping[str, str]) -> WrappedKey:
-        r = self.service.encrypt(
-            key_id=key_id,
-            plaintext=base64.b64encode(plaintext).decode("ascii"),
-            encryption_context=_context_param(encryption_context),
-        )
-        return WrappedKey(r["KeyId"], self._arn(r["KeyId"]), r["KeyVersionId"], r["CiphertextBlob"])
+    Uses the official SDK and the standard Alibaba credential chain (see ``kmsenv._remote``).
+    ``endpoint`` is ``host[:port]``; without it, ``kms.<region>.aliyuncs.com``.
+    """
 
-    def re_encrypt_data_key(
+    def __init__(
         self,
-        ciphertext_blob: str,
+        endpoint: str | None = None,
         *,
-        destination_key_id: str,
-        source_encryption_context: Mapping[str, str],
-        destination_encryption_context: Mapping[str, str],
-    ) -> WrappedKey:
-        r = self.service.re_encrypt(
-            ciphertext_blob=ciphertext_blob,
-            destination_key_id=destination_key_id,
-            source_encryption_context=_context_param(source_encryption_context),
-            destination_encryption_context=_context_param(destination_encryption_context),
-        )
-        return WrappedKey(r["KeyId"], self._arn(r["KeyId"]), r["KeyVersionId"], r["CiphertextBlob"])
+        region: str | None = None,
+        profile: str | None = None,
+        insecure_http: bool = False,
+    ) -> None:
+        from kmsenv._remote import RemoteApi
+
+        self.api = RemoteApi(endpoint, region=region, profile=profile, insecure_http=insecure_http)
+        self._arns: dict[str, str] = {}
+
+    def close(self) -> None:
+        """Nothing to release: the SDK keeps no open resources between calls."""
+
+    def call(self, action: str, params: dict[str, str]) -> dict[str, Any]:
+        return self.api.call(action, params)
+
+    def _key_arn(self, key_id: str) -> str:
+        """The key's ARN for file headers, from DescribeKey (once per key).
+
+        A caller allowed to use a key may lack kms:DescribeKey; the ARN is then built from the
+        region with the account left empty: the key id, which is what unwrapping needs, is exact.
+        """
+        arn = self._arns.get(key_id)
+        if arn is None:
+            try:
+                arn = str(self.call("DescribeKey", {"KeyId": key_id})["KeyMetadata"]["Arn"])
+            except KmsError as exc:
+                if exc.code != "Forbidden.NoPermission":
+                    raise
+                arn = f"acs:kms:{self.api.region}::key/{key_id}"
+            self._arns[key_id] = arn
+        return arn

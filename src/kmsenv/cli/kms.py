@@ -13,6 +13,8 @@ import json
 import sys
 from typing import Any
 
+from kmsenv.cli._kms_options import add_kms_options, open_kms
+
 __all__ = ["register"]
 
 
@@ -23,8 +25,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "kms",
         help="call a KMS Action (CreateKey, CreateAlias, GenerateDataKey, Decrypt, ...)",
         description="Call an Alibaba Cloud KMS (2016-01-20) Action on the embedded KMS "
-        "(KMSENV_HOME, default ~/.kmsenv). Prints the response JSON; on failure prints the "
-        "Alibaba error Code and Message on stderr and exits 3.",
+        "(KMSENV_HOME, default ~/.kmsenv), or with --endpoint/--profile on a kmsenv server or "
+        "Alibaba Cloud KMS. Prints the response JSON; on failure prints the Alibaba error Code and "
+        "Message on stderr and exits 3.",
     )
     actions = kms.add_subparsers(dest="action", metavar="ACTION", title="Actions")
     actions.required = True
@@ -38,20 +41,20 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
                 required=param.required,
                 help=param.help + (" (required)" if param.required else ""),
             )
+        add_kms_options(parser)
         parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from kmsenv.kms.actions import ACTIONS, dispatch
-    from kmsenv.kms.service import open_service
+    from kmsenv.kms.actions import ACTIONS
 
     action = ACTIONS[args.action]
     params = {p.name: getattr(args, p.name) for p in action.params if getattr(args, p.name) is not None}
-    service = open_service()
+    kms = open_kms(args)
     try:
-        response = dispatch(service, action.name, params)
+        response = kms.call(action.name, params)
     finally:
-        service.close()
+        kms.close()
     json.dump(response, sys.stdout, indent=2, ensure_ascii=False)
     sys.stdout.write("\n")
     return 0
