@@ -1,0 +1,218 @@
+"""Atomic, no-clobber file output: a file appears at its path complete and synced, or not at all.
+
+This module owns how kmsenv creates output files. :class:`AtomicOutput` writes into an anonymous
+temporary file in the target's folder (Linux ``O_TMPFILE``): it has no name until it is linked
+into place, so a crash, an exception or ``kill -9`` part-way leaves nothing behind, above all no
+partial plaintext. On a clean exit it is flushed, fsynced, given its final mode, then linked:
+
+* without ``force``, by ``link(2)`` to the target itself, which fails with ``EEXIST`` if anything
+  is there: the no-clobber check and the commit are one atomic step (no check-then-create race);
+* with ``force``, by linking to a random temporary name and ``rename(2)`` over the target;
+
+then the folder is fsynced so the new entry survives a power cut.
+
+Where ``O_TMPFILE`` is unsupported (some filesystems answer ``EOPNOTSUPP``/``EISDIR``; or
+``/proc`` is not mounted, which linking an anonymous file needs), a named temporary file is used
+instead: mode 0600 from creation, removed on any failure that Python sees. Only a ``kill -9`` in
+that fallback can leave a ``.<name>.*.kmsenv-tmp`` file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO
+
+from kmsenv.errors import OutputError
+
+__all__ = ["PRIVATE_MODE", "TEMP_SUFFIX", "AtomicOutput", "same_file"]
+
+#: Mode of outputs that hold plaintext: readable by the owner only.
+PRIVATE_MODE = 0o600
+#: Suffix of named temporary files (the fallback, and the force path's link-then-rename step).
+TEMP_SUFFIX = ".kmsenv-tmp"
+_DEFAULT_CREATE_MODE = 0o666  # the kernel applies the umask, as for any new file
+_O_TMPFILE = getattr(os, "O_TMPFILE", 0)
+#: Errors with which a filesystem or kernel says "no O_TMPFILE here" (not "you may not write").
+_NO_TMPFILE = {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOTSUP}
+
+
+def _describe(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
+
+
+def same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+class AtomicOutput:
+    """Context manager for one output file, committed only if the ``with`` body ends cleanly.
+
+    ``with AtomicOutput(path) as f: f.write(...)`` — ``f`` is a binary file object. ``mode`` is the
+    final permission bits (exactly, regardless of the umask); ``None`` means what any new file
+    gets (0666 minus the umask), which suits ciphertext. Plaintext outputs pass
+    :data:`PRIVATE_MODE`. Raises :class:`OutputError` if the folder is missing or unwritable, the
+    target exists and ``force`` is false, or writing, syncing or linking fails; in every failure
+    no output and no temporary file remain (except after ``kill -9`` in the named fallback).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, force: bool = False, mode: int | None = None) -> None:
+        self.path = Path(os.path.abspath(path))
+        self.force = force
+        self.mode = mode
+        self._file: BinaryIO | None = None
+        self._dir_fd: int | None = None
+        self._temp_name: str | None = None  # a name in the folder while one exists
+
+    def __repr__(self) -> str:
+        return f"AtomicOutput({str(self.path)!r}, force={self.force})"
+
+    def _exists_error(self) -> OutputError:
+        return OutputError(
+            f"the output {self.path} already exists", hint="pass --force to replace it, or choose another -o"
+        )
+
+    # ------------------------------------------------------------------------------ open --
+    def __enter__(self) -> BinaryIO:
+        folder = self.path.parent
+        if self.path.is_dir():
+            raise OutputError(f"the output {self.path} is a folder")
+        # Early, friendly refusal before any work is done; the link in commit() is what makes
+        # no-clobber hold even if the target appears in the meantime.
+        if not self.force and os.path.lexists(self.path):
+            raise self._exists_error()
+        try:
+            # Every later step is relative to this descriptor, so a rename of the folder (or of
+            # a symlink on its path) mid-way cannot send the output somewhere else.
+            self._dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise OutputError(f"the output folder {folder} cannot be used: {_describe(exc)}") from None
+        try:
+            create_mode = _DEFAULT_CREATE_MODE if self.mode is None else PRIVATE_MODE
+            fd = self._open_anonymous(create_mode)
+            if fd is None:
+                fd = self._open_named(create_mode)
+            try:
+                if self.mode is not None:
+                    os.fchmod(fd, self.mode)
+                self._file = os.fdopen(fd, "wb")
+            except OSError as exc:
+                os.close(fd)
+                raise OutputError(f"cannot set up the output {self.path}: {_describe(exc)}") from None
+        except BaseException:
+            self.abort()
+            raise
+        return self._file
+
+    def _open_anonymous(self, create_mode: int) -> int | None:
+        """An O_TMPFILE descriptor in the folder, or None if this system cannot give one."""
+        if not _O_TMPFILE or not os.path.isdir("/proc/self/fd"):
+            return None
+        try:
+            return os.open(".", _O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, create_mode, dir_fd=self._dir_fd)
+        except OSError as exc:
+            if exc.errno in _NO_TMPFILE:
+                return None
+            raise OutputError(f"cannot write in the output folder {self.path.parent}: {_describe(exc)}") from None
+
+    def _open_named(self, create_mode: int) -> int:
+        name = self._random_name()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            # Plaintext is never readable by others, not even for the instant before fchmod.
+            fd = os.open(name, flags, create_mode, dir_fd=self._dir_fd)
+        except OSError as exc:
+            raise OutputError(f"cannot write in the output folder {self.path.parent}: {_describe(exc)}") from None
+        self._temp_name = name
+        return fd
+
+    def _random_name(self) -> str:
+        return f".{self.path.name}.{secrets.token_hex(8)}{TEMP_SUFFIX}"
+
+    # ------------------------------------------------------------------------- finish --
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop everything written: close the file and remove any named temporary file."""
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+        self._discard()
+        self._close_dir()
+
+    def _discard(self) -> None:
+        if self._temp_name is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._temp_name, dir_fd=self._dir_fd)
+            self._temp_name = None
+
+    def _close_dir(self) -> None:
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
+
+    def commit(self) -> None:
+        """Flush, fsync and link the file into place (see the module docstring)."""
+        f = self._file
+        if f is None:
+            raise RuntimeError("AtomicOutput.commit() outside its with block")
+        try:
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as exc:
+                raise OutputError(f"cannot write the output {self.path}: {_describe(exc)}") from None
+            self._link(f.fileno())
+            f.close()
+            self._file = None
+            self._sync_folder()
+        except BaseException:
+            self.abort()
+            raise
+        self._close_dir()
+
+    def _link(self, fd: int) -> None:
+        # os.link follows the /proc symlink only through linkat(), which CPython uses when a
+        # dir_fd is given (plain link(2) would try to hard-link the symlink itself: EXDEV).
+        anonymous = f"/proc/self/fd/{fd}"
+        here = self._dir_fd
+        name = self.path.name
+        try:
+            if not self.force:
+                # link(2) never replaces: EEXIST is the atomic no-clobber check.
+                if self._temp_name is None:
+                    os.link(anonymous, name, dst_dir_fd=here, follow_symlinks=True)
+                else:
+                    os.link(self._temp_name, name, src_dir_fd=here, dst_dir_fd=here)
+                    self._discard()
+                return
+            if self._temp_name is None:
+                # rename(2) cannot take an anonymous file: give it a random name first.
+                temp = self._random_name()
+                os.link(anonymous, temp, dst_dir_fd=here, follow_symlinks=True)
+                self._temp_name = temp
+            os.replace(self._temp_name, name, src_dir_fd=here, dst_dir_fd=here)
+            self._temp_name = None
+        except FileExistsError:
+            raise self._exists_error() from None
+        except OSError as exc:
+            raise OutputError(f"cannot create the output {self.path}: {_describe(exc)}") from None
+
+    def _sync_folder(self) -> None:
+        # The file is complete and in place by now: a folder that cannot be synced (some
+        # filesystems refuse) costs durability across a power cut, not correctness, and turning
+        # it into an error would report failure for an output that exists.
+        if self._dir_fd is not None:
+            with contextlib.suppress(OSError):
+                os.fsync(self._dir_fd)
