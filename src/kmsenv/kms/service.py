@@ -251,6 +251,7 @@ class KmsService:
             due = tx.due_key_ids(now)
         if not due:
             return
+        destroyed = False
         with self.store.transaction(write=True) as tx:
             for key_id in tx.due_key_ids(now):  # re-read under the write lock: another process may have done it
                 key = tx.get_key(key_id)
@@ -259,10 +260,14 @@ class KmsService:
                 if key.delete_date is not None and key.delete_date <= now:
                     tx.destroy_key(key_id, key.delete_date)
                     self._forget_versions(key_id)
+                    destroyed = True
                 elif key.key_state == "Enabled" and key.next_rotation_date and key.next_rotation_date <= now:
                     self._new_version(tx, key, now)
                     key.last_rotation_date = now
                     tx.update_key(key)
+        if destroyed:
+            # The WAL still holds page images with the sealed material until it is checkpointed.
+            self.store.erase_history()
 
     def _forget_versions(self, key_id: str) -> None:
         prefix = f"{key_id}/"

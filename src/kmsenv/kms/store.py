@@ -340,6 +340,9 @@ class SqliteStore:
             conn.execute(f"PRAGMA busy_timeout = {self.BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
+            # Deleted rows (destroyed key material) are zeroed, not left in free pages; the
+            # compile-time default differs between SQLite builds.
+            conn.execute("PRAGMA secure_delete = ON")
             conn.execute("PRAGMA foreign_keys = ON")
         except sqlite3.DatabaseError as exc:
             raise ConfigError(f"cannot open the KMS store {path}: {exc}") from None
@@ -373,6 +376,14 @@ class SqliteStore:
             except sqlite3.OperationalError as exc:
                 self._conn.execute("ROLLBACK")
                 raise KmsError("ServiceUnavailableTemporary", f"Could not commit; try again ({exc}).") from None
+
+    def erase_history(self) -> None:
+        """Checkpoint and truncate the WAL, so rows just deleted survive in no old page image.
+
+        Best effort: if other connections keep the WAL busy past the timeout, it is truncated by
+        a later call (or when the last connection closes)."""
+        with self._lock:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def schema_version(self) -> int:
         with self.transaction(write=False) as tx:
