@@ -5,6 +5,8 @@ The public API is what this module lists in ``__all__``; everything else is priv
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from kmsenv.errors import (
     ConfigError,
     ContextError,
@@ -17,17 +19,64 @@ from kmsenv.errors import (
     UsageError,
 )
 
+if TYPE_CHECKING:
+    from kmsenv.clients import EmbeddedKms, Kms
+    from kmsenv.envelope import (
+        decrypt_file,
+        decrypt_stream,
+        encrypt_file,
+        encrypt_stream,
+        inspect_file,
+        migrate_file,
+    )
+
 __version__ = "0.1.0"
+
+#: Public names loaded on first use: the envelope layer imports ``cryptography``, and
+#: ``import kmsenv`` (every CLI start) must stay cheap.
+_LAZY = {
+    "EmbeddedKms": "kmsenv.clients",
+    "Kms": "kmsenv.clients",
+    "decrypt_file": "kmsenv.envelope",
+    "decrypt_stream": "kmsenv.envelope",
+    "encrypt_file": "kmsenv.envelope",
+    "encrypt_stream": "kmsenv.envelope",
+    "inspect_file": "kmsenv.envelope",
+    "migrate_file": "kmsenv.envelope",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kmsenv' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "ConfigError",
     "ContextError",
+    "EmbeddedKms",
     "FormatError",
     "InputError",
     "IntegrityError",
+    "Kms",
     "KmsError",
     "KmsenvError",
     "OutputError",
     "UsageError",
     "__version__",
+    "decrypt_file",
+    "decrypt_stream",
+    "encrypt_file",
+    "encrypt_stream",
+    "inspect_file",
+    "migrate_file",
 ]
