@@ -74,15 +74,22 @@ class RootKey:
 def _write_new_key_file(path: Path) -> bytes:
     material = _crypto.random_bytes(32)
     text = _FILE_PREFIX + base64.b64encode(material).decode("ascii") + "\n"
-    # O_EXCL: two processes racing to create the home must not both write a root key; the loser
-    # reads the winner's. Mode 0600 regardless of umask (fchmod after open).
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    # Written complete to a private temporary name, then published with link(), which fails if
+    # the name exists: two processes racing to create the home never both install a root key, and
+    # the loser never reads a half-written one; it reads the winner's. Mode 0600 regardless of
+    # umask (fchmod after open).
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{_crypto.random_bytes(6).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, text.encode("ascii"))
-        os.fsync(fd)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, text.encode("ascii"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(tmp, path)
     finally:
-        os.close(fd)
+        os.unlink(tmp)
     return material
 
 
