@@ -159,6 +159,7 @@ HTTP_STATUS: dict[str, int] = {
     "InvalidSignatureMethod": 400,
     "InvalidCiphertext": 400,
     "InvalidVersion": 400,
+    "EntityTooLarge": 413,  # kmsenv server: request body over its limit (docs/server.md)
     "Rejected.LimitExceeded": 400,
     "Rejected.UnsupportedOperation": 400,
     "Rejected.DeletionProtection": 409,

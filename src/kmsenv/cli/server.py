@@ -1,12 +1,104 @@
-"""``kmsenv server``: see register()."""
+"""``kmsenv server``: serve the KMS in KMSENV_HOME over the Alibaba Cloud KMS (2016-01-20) HTTP API.
+
+Presentation only: options → :class:`kmsenv.server.config.ServerConfig` → uvicorn. uvicorn and
+the server package are imported when the command runs, never at ``kmsenv --help`` time.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import logging
+from pathlib import Path
 from typing import Any
 
 __all__ = ["register"]
 
 
-def register(sub: argparse._SubParsersAction[Any]) -> None:  # filled in with the server work
-    del sub
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    parser = sub.add_parser(
+        "server",
+        help="serve the KMS over HTTP to the official Alibaba Cloud SDKs",
+        description="Serve the KMS in KMSENV_HOME over the Alibaba Cloud KMS (2016-01-20) HTTP API, so the "
+        "official SDKs work unchanged with only their endpoint set to this server. Requests are signed "
+        "with AccessKeys from `kmsenv access-key create`. Each option can also be set by the "
+        "environment variable shown; see docs/server.md.",
+    )
+    parser.add_argument("--host", help="address to listen on (KMSENV_SERVER_HOST; default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="TCP port (KMSENV_SERVER_PORT; default 8080)")
+    parser.add_argument("--workers", type=int, help="worker processes (KMSENV_SERVER_WORKERS; default 1)")
+    parser.add_argument("--tls-cert", type=Path, help="PEM certificate chain for HTTPS (KMSENV_SERVER_TLS_CERT)")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key for HTTPS (KMSENV_SERVER_TLS_KEY)")
+    parser.add_argument(
+        "--max-body", type=int, help="largest request body in bytes (KMSENV_SERVER_MAX_BODY; default 65536)"
+    )
+    parser.add_argument(
+        "--audit-log", type=Path, help="audit log file (KMSENV_AUDIT_LOG; default KMSENV_HOME/audit.jsonl)"
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="server log level (KMSENV_SERVER_LOG_LEVEL; default info)",
+    )
+    parser.set_defaults(func=_serve)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from kmsenv.kms.service import default_home, open_service
+    from kmsenv.server.app import _configure_logging
+    from kmsenv.server.config import ServerConfig
+
+    config = ServerConfig.from_env(
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        tls_cert=str(args.tls_cert) if args.tls_cert else None,
+        tls_key=str(args.tls_key) if args.tls_key else None,
+        max_body=args.max_body,
+        audit_log=str(args.audit_log) if args.audit_log else None,
+        log_level=args.log_level,
+    )
+    # Create (or check) the KMS home once, here: workers starting together must not race to
+    # create a root key each.
+    open_service(default_home()).close()
+    config.to_env()
+    _configure_logging(config.log_level)
+    log = logging.getLogger("kmsenv.server")
+    if not config.tls_cert and not _is_loopback(config.host):
+        log.warning("serving plain HTTP on %s: use --tls-cert/--tls-key or a TLS proxy", config.host)
+    scheme = "https" if config.tls_cert else "http"
+    log.info(
+        "kmsenv KMS on %s://%s:%d (home %s, %d worker(s))",
+        scheme,
+        config.host,
+        config.port,
+        default_home(),
+        config.workers,
+    )
+    uvicorn.run(
+        "kmsenv.server.app:create_app",
+        factory=True,
+        host=config.host,
+        port=config.port,
+        workers=config.workers,
+        ssl_certfile=config.tls_cert or None,
+        ssl_keyfile=config.tls_key or None,
+        # uvicorn's own access log prints the query string, where v1 requests carry Plaintext and
+        # CiphertextBlobs; the app writes its own access line without it.
+        access_log=False,
+        log_level=config.log_level,
+        server_header=False,
+        timeout_graceful_shutdown=30,
+    )
+    return 0

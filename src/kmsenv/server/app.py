@@ -1,0 +1,391 @@
+"""The ASGI application: Alibaba Cloud KMS (2016-01-20) requests in, JSON responses out.
+
+A request goes through these steps, each refusing with its Alibaba code (``docs/server.md``):
+
+1. transport — ``GET``/``POST`` on ``/`` (``GET /health`` is the unauthenticated readiness probe);
+   a body of at most ``max_body`` bytes, checked by Content-Length *and* while streaming, that must
+   be ``application/x-www-form-urlencoded``; query and form decoded (``+`` is a space) strictly,
+   and a parameter given twice is refused;
+2. auth format — the signature scheme and its claims (:func:`signature.parse_auth`);
+3. Action and Version — from the signed parameters, or for ACS3/ACS4 the signed ``x-acs-*``
+   headers;
+4. clock — ``Timestamp``/``x-acs-date`` within ±15 minutes;
+5. AccessKey — looked up in the store on every request (no cache, so ``kmsenv access-key
+   disable`` or a new policy applies to the very next request); signature verified in constant
+   time; then the key must be Active;
+6. nonce — claimed in ``nonces.db`` in the KMS home, shared by every worker process;
+7. policy — ``actions.authorize``;
+8. the Action — ``actions.dispatch``, the embedded KMS's own door.
+
+Blocking work (SQLite, crypto, the audit file) runs in the thread pool, so one slow request does not
+stall the event loop. Every request, refused or not, gets one access-log line and one audit record.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote_plus
+
+from starlette.concurrency import run_in_threadpool
+
+from kmsenv.errors import KmsError
+from kmsenv.kms.access import AccessKeys
+from kmsenv.kms.actions import ACTIONS, API_VERSION, authorize, dispatch, new_request_id
+from kmsenv.kms.nonces import NonceStore
+from kmsenv.kms.service import KmsService, default_home, fmt_time, open_service
+from kmsenv.server import signature
+from kmsenv.server.audit import AuditLog, audit_record
+from kmsenv.server.config import ServerConfig
+from kmsenv.server.errors import error_reply
+
+__all__ = ["KmsApp", "create_app"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Clock = Callable[[], datetime]
+
+_log = logging.getLogger("kmsenv.server")
+_access = logging.getLogger("kmsenv.server.access")
+
+JSON_TYPE = b"application/json;charset=utf-8"
+FORM_TYPE = "application/x-www-form-urlencoded"
+
+
+class _ClientGone(Exception):
+    """The client disconnected before sending its whole body."""
+
+
+@dataclass(slots=True)
+class _Exchange:
+    """What one request has revealed so far, for the response, the access log and the audit record."""
+
+    request_id: str
+    method: str
+    path: str
+    client: str | None
+    host_id: str
+    started: float = field(default_factory=time.perf_counter)
+    access_key_id: str | None = None
+    action: str | None = None
+    params: dict[str, str] = field(default_factory=dict)
+    response: dict[str, Any] | None = None
+    status: int = 200
+    code: str = "OK"
+
+
+@dataclass(slots=True)
+class _State:
+    """Per-process handles on the KMS home, opened at startup and closed at shutdown."""
+
+    service: KmsService
+    access_keys: AccessKeys
+    nonces: NonceStore
+    audit: AuditLog
+
+    @classmethod
+    def open(cls, home: Path, config: ServerConfig) -> _State:
+        service = open_service(home, announce=False)
+        try:
+            nonces = NonceStore(home / "nonces.db")
+            audit = AuditLog(config.audit_path(home))
+        except BaseException:
+            service.close()
+            raise
+        return cls(service, AccessKeys(service), nonces, audit)
+
+    def close(self) -> None:
+        self.audit.close()
+        self.nonces.close()
+        self.service.close()
+
+
+# ------------------------------------------------------------------------------ request parsing --
+def _parse_pairs(raw: bytes, where: str) -> list[tuple[str, str]]:
+    """Strictly decode ``a=1&b=2`` (``+`` is a space); refuse what is not name=value in UTF-8."""
+    pairs = []
+    try:
+        text = raw.decode("utf-8")
+        for piece in text.split("&"):
+            if not piece:
+                continue  # "a=1&" and "&&": harmless empty separators
+            name, sep, value = piece.partition("=")
+            if not sep or not name:
+                raise ValueError
+            pairs.append((unquote_plus(name, errors="strict"), unquote_plus(value, errors="strict")))
+    except ValueError:  # UnicodeDecodeError included
+        raise KmsError(
+            "ParseRequestParameterException", f"The request {where} is not valid: use name=value pairs in UTF-8."
+        ) from None
+    return pairs
+
+
+def _refuse_duplicates(pairs: list[tuple[str, str]]) -> None:
+    # Parameter pollution: with two values for one name, the signature check and the handler
+    # could each pick a different one. Alibaba's SDKs never send a name twice.
+    seen: set[str] = set()
+    for name, _ in pairs:
+        if name in seen:
+            raise KmsError.invalid_parameter(name, "It is given more than once.")
+        seen.add(name)
+
+
+def _one(candidates: tuple[str | None, str | None], name: str) -> str:
+    """The Action or Version given as a parameter and/or an x-acs-* header; both must agree."""
+    given = [c for c in candidates if c]
+    if not given:
+        raise KmsError.missing_parameter(name)
+    if len(set(given)) > 1:
+        raise KmsError.invalid_parameter(name, f"The {name} parameter and the x-acs-{name.lower()} header differ.")
+    return given[0]
+
+
+def _resolve_action(req: signature.Request, signed: signature.SignedRequest, params: dict[str, str]) -> str:
+    # v1 signs parameters, not headers: an x-acs-action header next to a v1 signature is
+    # unauthenticated, so it may only repeat the signed Action, never supply or replace it.
+    v1 = signed.scheme in signature.V1_METHODS
+    action = _one((params.get("Action"), req.header("x-acs-action")), "Action")
+    version = _one((params.get("Version"), req.header("x-acs-version")), "Version")
+    if v1 and not (params.get("Action") and params.get("Version")):
+        raise KmsError.missing_parameter("Action" if not params.get("Action") else "Version")
+    if version != API_VERSION:
+        raise KmsError("InvalidVersion", f"Specified parameter Version is not valid: this KMS speaks {API_VERSION}.")
+    if action not in ACTIONS:
+        raise KmsError("InvalidApi.NotFound", "Specified api is not found, please check your url and method.")
+    return action
+
+
+def _audit_subject(params: dict[str, str], response: dict[str, Any] | None) -> tuple[str | None, str | None]:
+    """(key id, alias) a request named or resolved; never a blob or a context."""
+    metadata = (response or {}).get("KeyMetadata") or {}
+    named = params.get("KeyId") or params.get("DestinationKeyId")
+    alias = params.get("AliasName") or (named if named and "alias/" in named else None)
+    key_id = (response or {}).get("KeyId") or metadata.get("KeyId") or (named if named != alias else None)
+    return key_id, alias
+
+
+# ----------------------------------------------------------------------------------- the app --
+class KmsApp:
+    """The ASGI callable. ``clock`` is the server's clock for timestamp checks (tests move it)."""
+
+    def __init__(self, config: ServerConfig, *, home: Path | None = None, clock: Clock | None = None) -> None:
+        self.config = config
+        self.home = home or default_home()
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._state: _State | None = None
+        self._state_lock = threading.Lock()
+
+    # -- lifecycle: each worker process opens its own handles; shutdown closes them.
+    def _open_state(self) -> _State:
+        with self._state_lock:
+            if self._state is None:
+                self._state = _State.open(self.home, self.config)
+            return self._state
+
+    def close(self) -> None:
+        with self._state_lock:
+            if self._state is not None:
+                self._state.close()
+                self._state = None
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await run_in_threadpool(self._open_state)
+                except Exception as exc:
+                    _log.error("cannot open the KMS home %s: %s", self.home, exc)
+                    await send({"type": "lifespan.startup.failed", "message": "cannot open the KMS home"})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await run_in_threadpool(self.close)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]]
+        client = scope.get("client")
+        host = next((v for k, v in headers if k == "host"), "")
+        ex = _Exchange(
+            request_id=new_request_id(),
+            method=scope["method"],
+            path=scope["path"],
+            client=f"{client[0]}:{client[1]}" if client else None,
+            host_id=host[:255] or "kmsenv",
+        )
+        try:
+            if ex.path == "/health" and ex.method == "GET":
+                status, body = await run_in_threadpool(self._health)
+            else:
+                status, body = 200, await self._api(scope, headers, receive, ex)
+        except _ClientGone:
+            ex.status, ex.code = 499, "ClientClosedRequest"
+            await run_in_threadpool(self._finish, ex)
+            return
+        except Exception as exc:
+            reply = error_reply(exc, request_id=ex.request_id, host_id=ex.host_id)
+            status, body, ex.code = reply.status, reply.body, reply.code
+        ex.status = status
+        if ex.path != "/health":
+            await run_in_threadpool(self._finish, ex)
+        payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", JSON_TYPE),
+                    (b"content-length", str(len(payload)).encode()),
+                    (b"x-acs-request-id", ex.request_id.encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+
+    def _health(self) -> tuple[int, dict[str, Any]]:
+        try:
+            state = self._open_state()
+            with state.service.store.transaction(write=False) as tx:
+                tx.meta_get("region")
+        except Exception as exc:
+            _log.warning("health check failed: %s", exc)
+            return 503, {"Status": "Unavailable"}
+        return 200, {"Status": "OK"}
+
+    # -- the API path
+    async def _api(self, scope: Scope, headers: list[tuple[str, str]], receive: Receive, ex: _Exchange) -> Any:
+        if ex.path != "/":
+            raise KmsError("InvalidApi.NotFound", "Specified api is not found, please check your url and method.")
+        if ex.method not in ("GET", "POST"):
+            raise KmsError(
+                "UnsupportedHTTPMethod", f"The HTTP method {ex.method[:16]} is not supported: use GET or POST."
+            )
+        body = await self._read_body(headers, receive)
+        query = _parse_pairs(scope["query_string"], "query string")
+        form: list[tuple[str, str]] = []
+        if body:
+            content_type = next((v for k, v in headers if k == "content-type"), "")
+            if content_type.split(";", 1)[0].strip().lower() != FORM_TYPE:
+                raise KmsError.invalid_parameter("Content-Type", f"A request body must be {FORM_TYPE}.")
+            form = _parse_pairs(body, "body")
+        _refuse_duplicates([*query, *form])
+        req = signature.Request(ex.method, query, form, headers, body)
+        ex.params = req.params()
+        return await run_in_threadpool(self._authenticated_call, req, ex)
+
+    async def _read_body(self, headers: list[tuple[str, str]], receive: Receive) -> bytes:
+        limit = self.config.max_body
+        too_large = KmsError("EntityTooLarge", f"The request body exceeds the limit of {limit} bytes.")
+        declared = next((v for k, v in headers if k == "content-length"), None)
+        if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+            raise too_large  # refused before a byte of it is read
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise too_large  # chunked bodies have no Content-Length: count as they stream
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _authenticated_call(self, req: signature.Request, ex: _Exchange) -> dict[str, Any]:
+        state = self._open_state()
+        params = ex.params
+        signed = signature.parse_auth(req)
+        ex.access_key_id = signed.access_key_id
+        ex.action = params.get("Action") or req.header("x-acs-action")
+        action = ex.action = _resolve_action(req, signed, params)
+        signature.check_timestamp(signed.timestamp, self._clock())
+        credential = state.access_keys.lookup(signed.access_key_id)
+        if credential is None:
+            raise KmsError("InvalidAccessKeyId.NotFound", "Specified access key is not found.")
+        signature.verify(signed, credential.secret)
+        # Status after the signature: only the key's holder learns that it is disabled.
+        if not credential.active:
+            raise KmsError("Forbidden.AccessKey", "The specified AccessKey is disabled.")
+        # Replay: a captured request re-sent within the clock window carries a used nonce.
+        if not state.nonces.claim(signed.access_key_id, signed.nonce, window_s=signature.SKEW_S):
+            raise KmsError("SignatureNonceUsed", "Specified signature nonce was used already.")
+        authorize(state.service, credential.policy, action, params)
+        response = dispatch(state.service, action, params)
+        response["RequestId"] = ex.request_id
+        ex.response = response
+        return response
+
+    # -- one access-log line and one audit record per request
+    def _finish(self, ex: _Exchange) -> None:
+        latency_ms = (time.perf_counter() - ex.started) * 1000
+        key_id, alias = _audit_subject(ex.params, ex.response)
+        _access.info(
+            json.dumps(
+                {
+                    "request_id": ex.request_id,
+                    "client": ex.client,
+                    "method": ex.method,
+                    "path": ex.path,  # never the query string: v1 requests carry Plaintext and blobs there
+                    "action": (ex.action or "")[:64] or None,
+                    "access_key_id": (ex.access_key_id or "")[:64] or None,
+                    "status": ex.status,
+                    "code": ex.code,
+                    "latency_ms": round(latency_ms, 3),
+                }
+            )
+        )
+        state = self._state
+        if state is None:
+            return
+        try:
+            state.audit.append(
+                audit_record(
+                    time=fmt_time(datetime.now(UTC)),
+                    request_id=ex.request_id,
+                    access_key_id=ex.access_key_id,
+                    action=ex.action,
+                    key_id=key_id,
+                    alias=alias,
+                    code=ex.code,
+                    client=ex.client,
+                    latency_ms=latency_ms,
+                )
+            )
+        except Exception:
+            # The Action has already happened; failing the response would not undo it. Shout instead.
+            _log.exception("request %s: could not write the audit record", ex.request_id)
+
+
+def _configure_logging(level: str) -> None:
+    logger = logging.getLogger("kmsenv")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level.upper())
+
+
+def create_app() -> KmsApp:
+    """The app factory uvicorn calls in every worker process (settings from the environment)."""
+    config = ServerConfig.from_env()
+    _configure_logging(config.log_level)
+    return KmsApp(config)
