@@ -117,3 +117,10 @@ def test_generator_reproduces_the_committed_files() -> None:
     assert set(generated) == set(on_disk)
     for name, text in generated.items():
         assert text == on_disk[name], name
+
+
+def test_the_spec_indexes_every_vector() -> None:
+    spec = (Path(__file__).parents[1] / "docs" / "format.md").read_text(encoding="utf-8")
+    index = spec[spec.index("## 10. Test vectors") :]
+    missing = [n for n in NAMES if f"| `{n}` |" not in index]
+    assert missing == []
