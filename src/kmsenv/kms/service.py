@@ -634,7 +634,12 @@ class KmsService:
     ) -> Response:
         if plaintext is None or plaintext == "":
             raise KmsError.missing_parameter("Plaintext")
-        data = plaintext.encode("utf-8", "surrogatepass")
+        try:
+            data = plaintext.encode("utf-8")
+        except UnicodeEncodeError:
+            # Lone surrogates (e.g. undecodable bytes on a command line) are not text: Decrypt
+            # could only hand them back as a string no JSON response or terminal can carry.
+            raise KmsError.invalid_parameter("Plaintext", "It must be valid Unicode text.") from None
         if len(data) > MAX_ENCRYPT_PLAINTEXT:
             raise KmsError.invalid_parameter("Plaintext", f"It must be at most {MAX_ENCRYPT_PLAINTEXT} bytes.")
         context = parse_context(encryption_context)
