@@ -4,12 +4,14 @@ the first-use notice. Run as real subprocesses (``python -m kmsenv``)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kms_helpers import run_kmsenv
+from kms_helpers import kmsenv_env, run_kmsenv
 from kmsenv.kms.actions import ACTIONS
 
 
@@ -125,3 +127,16 @@ def test_configuration_errors_exit_9(tmp_path: Path, setup: str, match: str) -> 
         conn.close()
     stderr = fails(home, "ListKeys", code="error", exit_code=9)
     assert match in stderr
+
+
+def test_undecodable_plaintext_argument_is_refused(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    key = ok(home, "CreateKey")[0]["KeyMetadata"]["KeyId"]
+    result = subprocess.run(
+        [sys.executable, "-m", "kmsenv", "kms", "Encrypt", "--KeyId", key, "--Plaintext", b"a\xffb"],
+        env=kmsenv_env(home, PYTHONIOENCODING="utf-8"),
+        capture_output=True,
+        check=False,
+    )
+    assert (result.returncode, result.stdout) == (3, b"")
+    assert b"InvalidParameter" in result.stderr and b"Traceback" not in result.stderr

@@ -287,3 +287,8 @@ def test_re_encrypt_errors(call: Call, key_id: str) -> None:
     expect_error(call, "MissingParameter", "ReEncrypt", DestinationKeyId=other, match="CiphertextBlob")
     expect_error(call, "InvalidParameter", "ReEncrypt", **ok, DestinationEncryptionContext="[]")
     expect_error(call, "InvalidCiphertext", "ReEncrypt", **{**ok, "CiphertextBlob": "QUJD"})
+
+
+def test_plaintext_must_be_text(call: Call, key_id: str) -> None:
+    for bad in ("\ud800", "a\udcffb"):  # a lone surrogate; an undecodable argv byte (surrogateescape)
+        expect_error(call, "InvalidParameter", "Encrypt", KeyId=key_id, Plaintext=bad, match="Plaintext")
