@@ -300,3 +300,19 @@ def test_state_survives_reopening(call: Call, key_id: str, kms_home: Path, clock
         assert reopened.describe_key(key_id="alias/persist")["KeyMetadata"]["KeyId"] == key_id
     finally:
         reopened.close()
+
+
+def test_store_busy_is_service_unavailable(kms_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(SqliteStore, "BUSY_TIMEOUT_MS", 50)
+    svc = open_service(kms_home, announce=False)
+    blocker = sqlite3.connect(kms_home / "kms.db", isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        err = expect_error(svc.create_key, "ServiceUnavailableTemporary", match="busy")
+        assert err.retryable
+        assert svc.list_keys()["TotalCount"] == 0  # readers are not blocked (WAL)
+        blocker.execute("ROLLBACK")
+        assert svc.create_key()["KeyMetadata"]["KeyState"] == "Enabled"
+    finally:
+        blocker.close()
+        svc.close()
