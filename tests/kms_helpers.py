@@ -80,6 +80,21 @@ def snapshot(home: Path) -> dict[str, list[tuple[Any, ...]]]:
         conn.close()
 
 
+def store_bytes(home: Path) -> bytes:
+    """The raw bytes of the SQLite files (database, WAL, shared memory) of a KMS home."""
+    return b"".join(p.read_bytes() for p in sorted(home.glob("kms.db*")))
+
+
+def sealed_versions(home: Path) -> list[tuple[str, str, bytes]]:
+    """(key id, version id, sealed material) of every stored key version, oldest first."""
+    conn = sqlite3.connect(f"file:{home / 'kms.db'}?mode=ro", uri=True)
+    try:
+        rows = conn.execute("SELECT key_id, key_version_id, sealed_material FROM key_versions ORDER BY seq")
+        return [(r[0], r[1], bytes(r[2])) for r in rows]
+    finally:
+        conn.close()
+
+
 def forge_blob(key_id: str, version_id: str | None = None, body: bytes = b"\0" * 40) -> str:
     """A well-formed blob naming ``key_id`` (and a version) whose body is not a real ciphertext."""
     version = uuid.UUID(version_id) if version_id else uuid.uuid4()

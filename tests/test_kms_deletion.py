@@ -3,14 +3,13 @@ window has passed: the key is destroyed, its material erased, its ciphertexts de
 
 from __future__ import annotations
 
-import sqlite3
 import uuid
 from pathlib import Path
 
 import pytest
 
 from conftest import Call, FakeClock
-from kms_helpers import expect_error, snapshot
+from kms_helpers import expect_error, sealed_versions, snapshot, store_bytes
 from kmsenv.kms.actions import dispatch
 from kmsenv.kms.service import KmsService, open_service
 
@@ -75,15 +74,7 @@ def test_cancel_deletion_of_key_without_material_returns_to_pending_import(call:
 
 
 def sealed_rows(home: Path, key: str) -> list[bytes]:
-    conn = sqlite3.connect(f"file:{home / 'kms.db'}?mode=ro", uri=True)
-    try:
-        return [bytes(r[0]) for r in conn.execute("SELECT sealed_material FROM key_versions WHERE key_id = ?", (key,))]
-    finally:
-        conn.close()
-
-
-def store_bytes(home: Path) -> bytes:
-    return b"".join(p.read_bytes() for p in sorted(home.glob("kms.db*")))
+    return [sealed for owner, _, sealed in sealed_versions(home) if owner == key]
 
 
 def test_key_destroyed_after_window(call: Call, key_id: str, clock: FakeClock, kms_home: Path) -> None:

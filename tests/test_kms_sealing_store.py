@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Call, FakeClock
-from kms_helpers import expect_error, snapshot
+from kms_helpers import expect_error, sealed_versions, snapshot, store_bytes
 from kmsenv import _crypto
 from kmsenv.errors import ConfigError, IntegrityError, KmsError
 from kmsenv.kms.blob import blob_aad, decode_blob
@@ -28,19 +28,6 @@ def read_root_key(path: Path) -> RootKey:
     text = path.read_text("ascii").strip()
     assert text.startswith("kmsenv-root-key-v1:")
     return RootKey(base64.b64decode(text.split(":", 1)[1], validate=True))
-
-
-def db_bytes(home: Path) -> bytes:
-    return b"".join(p.read_bytes() for p in sorted(home.glob("kms.db*")))
-
-
-def sealed_versions(home: Path) -> list[tuple[str, str, bytes]]:
-    conn = sqlite3.connect(home / "kms.db")
-    try:
-        rows = conn.execute("SELECT key_id, key_version_id, sealed_material FROM key_versions ORDER BY seq")
-        return [(r[0], r[1], bytes(r[2])) for r in rows]
-    finally:
-        conn.close()
 
 
 @pytest.fixture
@@ -74,7 +61,7 @@ def test_store_never_holds_raw_material(call: Call, key_id: str, kms_home: Path)
     data_key = base64.b64decode(generated["Plaintext"])
     call("Encrypt", KeyId=key_id, Plaintext="plaintext-marker-4f1b9c")
     call("CreateKeyVersion", KeyId=key_id)
-    stored = db_bytes(kms_home)
+    stored = store_bytes(kms_home)
     assert data_key not in stored and generated["Plaintext"].encode() not in stored
     assert b"plaintext-marker-4f1b9c" not in stored
     root = read_root_key(kms_home / "root.key")
