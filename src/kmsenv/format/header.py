@@ -118,7 +118,7 @@ class Header:
     def __post_init__(self) -> None:
         # Freeze copies: a caller mutating its dict afterwards must not change a header whose
         # tag was computed over the old contents.
-        items = sorted(self.context.items(), key=lambda kv: kv[0].encode("utf-8", "surrogatepass"))
+        items = sorted(self.context.items(), key=lambda kv: str(kv[0]).encode("utf-8", "surrogatepass"))
         object.__setattr__(self, "context", MappingProxyType(dict(items)))
         object.__setattr__(self, "stanzas", tuple(self.stanzas))
         object.__setattr__(self, "salt", bytes(self.salt))
@@ -137,6 +137,10 @@ class Header:
         size = len(self.authenticated_bytes()) + TAG_SIZE
         if size > MAX_HEADER_SIZE:
             raise FormatError(f"the header would be {size} bytes, over the {MAX_HEADER_SIZE}-byte limit")
+
+    def __hash__(self) -> int:
+        # The generated hash would fail on the read-only context mapping; the encoding is the identity.
+        return hash(self.encode())
 
     def __repr__(self) -> str:
         return (
@@ -175,9 +179,7 @@ def chunk_log2(chunk_size: int) -> int:
         or chunk_size > MAX_CHUNK_SIZE
         or chunk_size & (chunk_size - 1)
     ):
-        raise FormatError(
-            f"chunk size must be a power of two from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE} bytes"
-        )
+        raise FormatError(f"chunk size must be a power of two from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE} bytes")
     return chunk_size.bit_length() - 1
 
 
@@ -222,9 +224,7 @@ def encode_context(context: Mapping[str, str]) -> bytes:
     )
     total = sum(len(k) + len(v) for k, v in pairs)
     if total > MAX_CONTEXT_BYTES:
-        raise FormatError(
-            f"the encryption context is {total} bytes of UTF-8, over the {MAX_CONTEXT_BYTES}-byte limit"
-        )
+        raise FormatError(f"the encryption context is {total} bytes of UTF-8, over the {MAX_CONTEXT_BYTES}-byte limit")
     out = [struct.pack(">H", len(pairs))]
     for k, v in pairs:
         out += (struct.pack(">H", len(k)), k, struct.pack(">H", len(v)), v)
@@ -239,9 +239,7 @@ def _encode_stanza(s: KeyStanza) -> bytes:
     if not isinstance(s.ciphertext_blob, bytes):
         raise TypeError("ciphertext_blob must be bytes")
     if not 1 <= len(s.ciphertext_blob) <= MAX_BLOB_SIZE:
-        raise FormatError(
-            f"a CiphertextBlob must be 1 to {MAX_BLOB_SIZE} bytes, not {len(s.ciphertext_blob)}"
-        )
+        raise FormatError(f"a CiphertextBlob must be 1 to {MAX_BLOB_SIZE} bytes, not {len(s.ciphertext_blob)}")
     return b"".join(
         (
             bytes([len(provider)]),
@@ -359,9 +357,7 @@ def _parse_context(r: _Reader) -> Iterator[tuple[str, str]]:
         # Strictly increasing keys: one encoding per context, and no duplicate key whose two
         # values different readers would resolve differently.
         if previous is not None and raw_key <= previous:
-            raise FormatError(
-                "context keys are duplicated" if raw_key == previous else "context keys are not sorted"
-            )
+            raise FormatError("context keys are duplicated" if raw_key == previous else "context keys are not sorted")
         previous = raw_key
         total += len(raw_key) + len(value.encode())
         if total > MAX_CONTEXT_BYTES:

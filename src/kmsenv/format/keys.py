@@ -51,16 +51,13 @@ class FileKey:
     __slots__ = ("_aead", "_chunk_size", "_commitment", "_mac_key")
 
     def __init__(
-        self, data_key: bytes, header_binding: tuple[int, int, Mapping[str, str]], salt: bytes
+        self, data_key: bytes, *, suite: int, chunk_size: int, context: Mapping[str, str], salt: bytes
     ) -> None:
-        suite, chunk_size, context = header_binding
         if suite != SUITE_AES256GCM_HKDF_SHA256:
             raise FormatError(f"unsupported algorithm suite {suite}")
         if not isinstance(data_key, bytes | bytearray | memoryview) or len(data_key) != DATA_KEY_SIZE:
             raise FormatError(f"suite {suite} needs a {DATA_KEY_SIZE}-byte data key")
-        binding = b"".join(
-            (suite.to_bytes(2, "big"), bytes([chunk_log2(chunk_size)]), encode_context(context))
-        )
+        binding = b"".join((suite.to_bytes(2, "big"), bytes([chunk_log2(chunk_size)]), encode_context(context)))
         payload, commitment, mac_key = (
             _crypto.hkdf_sha256(
                 bytes(data_key), salt=salt, info=KDF_LABEL + b"\x00" + purpose + b"\x00" + binding, length=32
@@ -95,10 +92,6 @@ class FileKey:
         return self._commitment
 
 
-def _binding(header: Header) -> tuple[int, int, Mapping[str, str]]:
-    return header.suite, header.chunk_size, header.context
-
-
 def _seal(draft: Header, file_key: FileKey) -> Header:
     """``draft`` with its tag computed (the tag field is excluded from what it covers)."""
     return dataclasses.replace(draft, tag=file_key.tag(draft))
@@ -131,7 +124,7 @@ def _new_header(
 ) -> tuple[Header, FileKey]:
     """:func:`new_header` with the salt passed in: the deterministic seam for test vectors only."""
     suite = SUITE_AES256GCM_HKDF_SHA256
-    file_key = FileKey(data_key, (suite, chunk_size, context), salt)
+    file_key = FileKey(data_key, suite=suite, chunk_size=chunk_size, context=context, salt=salt)
     draft = Header(
         suite=suite,
         chunk_size=chunk_size,
@@ -150,7 +143,9 @@ def open_header(header: Header, data_key: bytes) -> FileKey:
     IntegrityError (one message for both checks) if either fails. Call this before decrypting any
     chunk: an unauthenticated header could carry an attacker's chunk size or context.
     """
-    file_key = FileKey(data_key, _binding(header), header.salt)
+    file_key = FileKey(
+        data_key, suite=header.suite, chunk_size=header.chunk_size, context=header.context, salt=header.salt
+    )
     # Commitment first: it is what makes a second data key (a malicious second stanza) fail
     # here instead of decrypting the payload to other plaintext.
     committed = _crypto.constant_time_eq(file_key.commitment(), header.commitment)

@@ -97,9 +97,7 @@ def _write_all(dst: BinaryIO, data: memoryview) -> None:
         data = data[n:]
 
 
-def _records(
-    src: BinaryIO, size: int, acquire: Callable[[], _Slot]
-) -> Iterator[tuple[int, bool, _Slot, int]]:
+def _records(src: BinaryIO, size: int, acquire: Callable[[], _Slot]) -> Iterator[tuple[int, bool, _Slot, int]]:
     """Yield (counter, final, slot, length) for each record of at most ``size`` bytes in ``src``.
 
     A full record is final only if nothing follows it, so the next one is read before yielding.
@@ -172,9 +170,7 @@ def _check_chunk_size(file_key: FileKey, chunk_size: int) -> None:
         raise ValueError("chunk_size differs from the chunk size in the header this key belongs to")
 
 
-def encrypt_stream(
-    src: BinaryIO, dst: BinaryIO, file_key: FileKey, *, chunk_size: int, threads: int = 2
-) -> int:
+def encrypt_stream(src: BinaryIO, dst: BinaryIO, file_key: FileKey, *, chunk_size: int, threads: int = 2) -> int:
     """Encrypt ``src`` to EOF as v1 chunks onto ``dst`` (the caller already wrote the header).
 
     Returns the number of plaintext bytes read.
@@ -189,9 +185,7 @@ def encrypt_stream(
     return _pump(src, dst, chunk_size, seal, threads)[0]
 
 
-def decrypt_stream(
-    src: BinaryIO, dst: BinaryIO, file_key: FileKey, *, chunk_size: int, threads: int = 2
-) -> int:
+def decrypt_stream(src: BinaryIO, dst: BinaryIO, file_key: FileKey, *, chunk_size: int, threads: int = 2) -> int:
     """Decrypt the v1 chunks from ``src`` (positioned just after the header) onto ``dst``.
 
     Each chunk's plaintext is written only after its tag verified. IntegrityError on any
@@ -207,9 +201,7 @@ def decrypt_stream(
         # is an encoding the writer never produces (one plaintext, one ciphertext).
         if n < CHUNK_TAG_SIZE or (final and counter > 0 and n == CHUNK_TAG_SIZE):
             raise IntegrityError(_PAYLOAD_FAILED)
-        aead.decrypt_into(
-            _nonce(counter, final), slot.inp[:n], None, slot.out[: n - CHUNK_TAG_SIZE], what="payload"
-        )
+        aead.decrypt_into(_nonce(counter, final), slot.inp[:n], None, slot.out[: n - CHUNK_TAG_SIZE], what="payload")
         return n - CHUNK_TAG_SIZE
 
     return _pump(src, dst, chunk_size + CHUNK_TAG_SIZE, open_, threads)[1]
