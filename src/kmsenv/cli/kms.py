@@ -38,7 +38,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
                 f"--{param.name}",
                 dest=param.name,
                 metavar=param.kind.upper() if param.kind != "str" else "VALUE",
-                required=param.required,
+                # Not enforced by argparse: a missing parameter is the service's MissingParameter
+                # (exit 3, the Alibaba Code and Message), the same on every door.
                 help=param.help + (" (required)" if param.required else ""),
             )
         add_kms_options(parser)
