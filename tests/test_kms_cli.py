@@ -102,11 +102,11 @@ def test_errors_go_to_stderr_with_code_and_message(tmp_path: Path) -> None:
     assert key in stderr
 
 
-def test_missing_required_parameter_fails_cleanly(tmp_path: Path) -> None:
-    result = run_kmsenv(tmp_path / "home", "kms", "ScheduleKeyDeletion", "--KeyId", "k")
-    assert result.returncode != 0
-    assert result.stdout == ""
-    assert "PendingWindowInDays" in result.stderr and "Traceback" not in result.stderr
+def test_missing_required_parameter_is_missing_parameter(tmp_path: Path) -> None:
+    stderr = fails(tmp_path / "home", "ScheduleKeyDeletion", "--KeyId", "k", code="MissingParameter")
+    assert 'The parameter "PendingWindowInDays" is needed but not provided.' in stderr
+    help_text = run_kmsenv(tmp_path / "home", "kms", "ScheduleKeyDeletion", "--help").stdout
+    assert "(required)" in help_text
 
 
 @pytest.mark.parametrize(
