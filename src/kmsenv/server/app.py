@@ -378,7 +378,7 @@ def _configure_logging(level: str) -> None:
     logger = logging.getLogger("kmsenv")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
     logger.setLevel(level.upper())
