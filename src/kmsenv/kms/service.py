@@ -29,7 +29,7 @@ from kmsenv import _crypto
 from kmsenv.errors import ConfigError, IntegrityError, KmsError
 from kmsenv.kms.blob import blob_aad, blob_prefix, decode_blob, encode_blob
 from kmsenv.kms.context import canonical_context, parse_context
-from kmsenv.kms.sealing import RootKey, load_or_create_root_key
+from kmsenv.kms.sealing import ROOT_KEY_ENV, RootKey, load_or_create_root_key
 from kmsenv.kms.store import AliasRecord, KeyRecord, SqliteStore, Tx, VersionRecord, dumps_tags
 
 __all__ = ["STATE_RULES", "KmsService", "default_home", "open_service"]
@@ -878,6 +878,7 @@ def open_service(home: Path | None = None, *, clock: Clock = utc_now, announce: 
     try:
         with store.transaction(write=True) as tx:
             check = tx.meta_get("root_key_check")
+            initialized = check is None
             if check is None:
                 tx.meta_set("root_key_check", root_key.make_check())
                 tx.meta_set("region", os.environ.get(REGION_ENV, DEFAULT_REGION).encode("utf-8"))
@@ -896,6 +897,13 @@ def open_service(home: Path | None = None, *, clock: Clock = utc_now, announce: 
         print(
             f"kmsenv: created a new embedded KMS in {home} (root key {home / 'root.key'}, mode 0600); "
             "back up the root key: without it nothing in this KMS can be decrypted",
+            file=sys.stderr,
+        )
+    elif initialized and announce and os.environ.get(ROOT_KEY_ENV):
+        # A new store sealed under a root key named by KMSENV_ROOT_KEY_FILE: still a first use.
+        print(
+            f"kmsenv: created a new embedded KMS in {home} (root key {os.environ[ROOT_KEY_ENV]}); "
+            "keep that root key: without it nothing in this KMS can be decrypted",
             file=sys.stderr,
         )
     return KmsService(store, root_key, region=region, account_id=account_id, clock=clock)
