@@ -56,6 +56,18 @@ def test_first_use_notice_once(kms_home: Path, capsys: pytest.CaptureFixture[str
     assert capsys.readouterr() == ("", "")
 
 
+def test_first_use_notice_with_a_named_root_key(
+    tmp_path: Path, kms_home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key_file = make_root_key_file(tmp_path / "named.key")
+    monkeypatch.setenv("KMSENV_ROOT_KEY_FILE", str(key_file))
+    open_service(kms_home).close()
+    notice = capsys.readouterr().err
+    assert str(kms_home) in notice and str(key_file) in notice and notice.count("\n") == 1
+    open_service(kms_home).close()
+    assert capsys.readouterr().err == ""
+
+
 def test_store_never_holds_raw_material(call: Call, key_id: str, kms_home: Path) -> None:
     generated = call("GenerateDataKey", KeyId=key_id, NumberOfBytes=32)
     data_key = base64.b64decode(generated["Plaintext"])
