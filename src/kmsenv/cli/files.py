@@ -18,10 +18,11 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from kmsenv.cli._kms_options import add_kms_options, open_kms
+from kmsenv.clients import _ActionKms  # light: the KMS behind it is imported only when opened
 from kmsenv.errors import UsageError
 
 if TYPE_CHECKING:
-    from kmsenv.clients import AlibabaKms, DataKey, EmbeddedKms, Kms, UnwrappedKey, WrappedKey
+    from kmsenv.clients import AlibabaKms, EmbeddedKms, Kms
 
 __all__ = ["default_decrypt_output", "default_encrypt_output", "default_migrate_output", "parse_context", "register"]
 
@@ -156,11 +157,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 # ------------------------------------------------------------------------------- kms --
 
 
-class _LazyKms:
-    """A :class:`~kmsenv.clients.Kms` that opens the real one on first use.
+class _LazyKms(_ActionKms):
+    """The KMS the options name, opened on its first Action.
 
     Every input, output, format and context check runs before the envelope layer calls the
-    KMS, so a command that fails early never opens, or creates, a KMS home.
+    KMS, so a command that fails early never opens, or creates, a KMS home. The ``Kms`` calls
+    themselves come from :class:`~kmsenv.clients._ActionKms`, written once in terms of Actions.
     """
 
     def __init__(self, args: argparse.Namespace) -> None:
@@ -176,37 +178,11 @@ class _LazyKms:
         if self._kms is not None:
             self._kms.close()
 
-    @property
-    def provider_id(self) -> str:
-        return self._get().provider_id
+    def call(self, action: str, params: dict[str, str]) -> dict[str, Any]:
+        return self._get().call(action, params)
 
-    def generate_data_key(
-        self, key_id: str, *, encryption_context: Mapping[str, str], number_of_bytes: int = 32
-    ) -> DataKey:
-        return self._get().generate_data_key(
-            key_id, encryption_context=encryption_context, number_of_bytes=number_of_bytes
-        )
-
-    def decrypt_data_key(self, ciphertext_blob: str, *, encryption_context: Mapping[str, str]) -> UnwrappedKey:
-        return self._get().decrypt_data_key(ciphertext_blob, encryption_context=encryption_context)
-
-    def encrypt_data_key(self, key_id: str, plaintext: bytes, *, encryption_context: Mapping[str, str]) -> WrappedKey:
-        return self._get().encrypt_data_key(key_id, plaintext, encryption_context=encryption_context)
-
-    def re_encrypt_data_key(
-        self,
-        ciphertext_blob: str,
-        *,
-        destination_key_id: str,
-        source_encryption_context: Mapping[str, str],
-        destination_encryption_context: Mapping[str, str],
-    ) -> WrappedKey:
-        return self._get().re_encrypt_data_key(
-            ciphertext_blob,
-            destination_key_id=destination_key_id,
-            source_encryption_context=source_encryption_context,
-            destination_encryption_context=destination_encryption_context,
-        )
+    def _key_arn(self, key_id: str) -> str:
+        return self._get()._key_arn(key_id)
 
 
 @contextmanager
