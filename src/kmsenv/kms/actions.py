@@ -163,6 +163,12 @@ _INT_RE = re.compile(r"^-?[0-9]{1,18}$")
 
 
 def _convert(param: Param, raw: str) -> object:
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError:
+        # Lone surrogates (undecodable bytes in a command-line argument): not text, and SQLite
+        # or the JSON response would fail on them later with a traceback.
+        raise KmsError.invalid_parameter(param.name, "It must be valid Unicode text.") from None
     if param.kind == "int":
         if not _INT_RE.match(raw.strip()):
             raise KmsError.invalid_parameter(param.name, "It must be an integer.")
