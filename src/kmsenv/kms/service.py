@@ -159,7 +159,7 @@ def _parse_tags(tags: str | list[dict[str, str]] | None) -> list[dict[str, str]]
     if isinstance(tags, str):
         try:
             parsed = json.loads(tags)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise KmsError.invalid_parameter("Tags", 'Use a JSON array like [{"TagKey":"k","TagValue":"v"}].') from None
     else:
         parsed = tags
@@ -837,7 +837,7 @@ def _parse_filters(filters: str | None) -> list[tuple[str, list[str]]]:
         return []
     try:
         parsed = json.loads(filters)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise KmsError.invalid_parameter(
             "Filters", 'Use JSON like [{"Key":"KeyState","Values":["Enabled"]}].'
         ) from None
