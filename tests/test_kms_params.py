@@ -3,12 +3,15 @@ unknown parameters), RequestId, and the HTTP status of every error code the serv
 
 from __future__ import annotations
 
+import base64
 import inspect
 import re
 import uuid
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import Call
 from kms_helpers import EXPECTED_STATUS, expect_error
@@ -159,3 +162,56 @@ def test_retryable_codes_are_the_ones_alibaba_clients_retry() -> None:
     retried = {"Rejected.Throttling", "ServiceUnavailableTemporary", "InternalFailure"}
     for code in [*EXPECTED_STATUS, "Rejected.Throttling"]:
         assert KmsError(code, "m").retryable == (code in retried)
+
+
+JUNK = {"int": "1", "bool": "true", "str": "x", "json": "x"}
+PARAMS = [(a.name, p.name) for a in ACTIONS.values() for p in a.params]
+
+
+@pytest.mark.parametrize(("action", "param"), PARAMS, ids=[f"{a}.{p}" for a, p in PARAMS])
+def test_values_that_are_not_text_are_invalid(service: KmsService, action: str, param: str) -> None:
+    """A lone surrogate (an undecodable byte in a command-line argument) in any parameter."""
+    params = {p.name: JUNK[p.kind] for p in ACTIONS[action].params}
+    params[param] = "a\udcffb"
+    with pytest.raises(KmsError) as info:
+        dispatch(service, action, params)
+    assert (info.value.code, info.value.message) == (
+        "InvalidParameter",
+        f'The specified parameter "{param}" is not valid. It must be valid Unicode text.',
+    )
+
+
+@pytest.mark.parametrize(
+    ("action", "param"), [("ListKeys", "Filters"), ("CreateKey", "Tags"), ("Decrypt", "EncryptionContext")]
+)
+def test_deeply_nested_json_is_invalid(call: Call, action: str, param: str) -> None:
+    extra = {"CiphertextBlob": "QUJD"} if action == "Decrypt" else {}
+    expect_error(call, "InvalidParameter", action, match=param, **{param: "[" * 100_000}, **extra)
+    expect_error(call, "InvalidParameter", action, match=param, **{param: '{"a":' * 50_000}, **extra)
+
+
+INTERESTING = st.sampled_from(
+    [
+        *("", " ", "0", "-1", "7", "1025", "9" * 30, "true", "False", "{}", "[]", "null", '{"a":"b"}', "7d"),
+        *("alias/x", "acs:kms:cn-hangzhou:1:key/x", "acs:kms:::", "QUJD", "\x00", "é", "\ud800"),
+        base64.b64encode(b"\x01" * 60).decode(),
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_string_parameters_give_a_result_or_a_kms_error(service: KmsService, data: st.DataObject) -> None:
+    action = data.draw(st.sampled_from(sorted(ACTIONS)))
+    names = [p.name for p in ACTIONS[action].params]
+    params = (
+        data.draw(st.dictionaries(st.sampled_from(names), st.one_of(INTERESTING, st.text(max_size=40))))
+        if names
+        else {}
+    )
+    try:
+        response = dispatch(service, action, params)
+    except KmsError as exc:
+        assert exc.code in EXPECTED_STATUS and exc.message
+    else:
+        uuid.UUID(response["RequestId"])
