@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kmsenv import envelope
 from kmsenv import format as fmt
@@ -433,3 +435,39 @@ def test_inspect_needs_no_kms(cipher: Path, tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv("KMSENV_HOME", str(fresh_home))
     assert envelope.inspect_file(cipher)["context"] == CONTEXT
     assert not fresh_home.exists()
+
+
+class Trickle:
+    """A reader like a slow pipe: not seekable, at most a few bytes per read, no readinto."""
+
+    def __init__(self, data: bytes, step: int) -> None:
+        self._data = memoryview(data)
+        self._step = step
+
+    def read(self, n: int = -1) -> bytes:
+        take = self._step if n < 0 else min(n, self._step)
+        part, self._data = self._data[:take], self._data[take:]
+        return bytes(part)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    data=st.binary(max_size=3 * 4096 + 100),
+    shape=st.tuples(st.integers(min_value=12, max_value=13), st.integers(min_value=1, max_value=5000)),
+    context=st.dictionaries(st.text(min_size=1, max_size=5), st.text(max_size=5), max_size=3),
+)
+def test_streams_round_trip_through_short_reads(
+    kms: EmbeddedKms, key: str, data: bytes, shape: tuple[int, int], context: dict[str, str]
+) -> None:
+    """Any data, chunk size and read size: pipes that return a few bytes at a time round-trip."""
+    log2, step = shape
+    encrypted = io.BytesIO()
+    src: Any = Trickle(data, step)
+    envelope.encrypt_stream(src, encrypted, kms=kms, key_id=key, context=context, chunk_size=1 << log2)
+    assert len(encrypted.getvalue()) == fmt.read_header(io.BytesIO(encrypted.getvalue())).size + fmt.payload_size(
+        len(data), 1 << log2
+    )
+    out = io.BytesIO()
+    reader: Any = Trickle(encrypted.getvalue(), step)
+    assert envelope.decrypt_stream(reader, out, kms=kms, context=context) == len(data)
+    assert out.getvalue() == data

@@ -150,7 +150,8 @@ class _Prefixed(io.RawIOBase):
 
 def _sniff(src: BinaryIO) -> tuple[bytes, BinaryIO]:
     """The first bytes of ``src`` and a reader that still starts at them (pipes cannot seek)."""
-    if src.seekable():
+    seekable = getattr(src, "seekable", None)  # duck-typed readers may lack it
+    if seekable is not None and seekable():
         start = src.tell()
         head = src.read(_SNIFF_SIZE)
         src.seek(start)
