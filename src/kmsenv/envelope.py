@@ -114,6 +114,19 @@ def _check_unchanged(f: BinaryIO, before: os.stat_result) -> None:
 
 
 @contextmanager
+def _file_to_file(src: StrPath, dst: StrPath, *, force: bool, mode: int | None) -> Iterator[tuple[BinaryIO, BinaryIO]]:
+    """The input opened read-only and the atomic output, for a body that reads one into the other.
+
+    The output is committed only if the body succeeds and the input did not change meanwhile.
+    """
+    with open_input(src) as (fin, before):
+        _check_distinct(before, dst)
+        with AtomicOutput(dst, force=force, mode=mode) as out:
+            yield fin, out
+            _check_unchanged(fin, before)
+
+
+@contextmanager
 def _os_errors() -> Iterator[None]:
     """Turn an OSError from the byte pump into the error class a user can act on."""
     try:
@@ -366,12 +379,8 @@ def encrypt_file(
     """
     ctx = _context(context)
     _check_chunk_size(chunk_size)
-    with open_input(src) as (fin, before):
-        _check_distinct(before, dst)
-        with AtomicOutput(dst, force=force) as out:
-            n = encrypt_stream(fin, out, kms=kms, key_id=key_id, context=ctx, chunk_size=chunk_size, threads=threads)
-            _check_unchanged(fin, before)
-    return n
+    with _file_to_file(src, dst, force=force, mode=None) as (fin, out):
+        return encrypt_stream(fin, out, kms=kms, key_id=key_id, context=ctx, chunk_size=chunk_size, threads=threads)
 
 
 def decrypt_file(
@@ -390,12 +399,8 @@ def decrypt_file(
     ``force``, and nothing remains of it on failure. Returns the number of plaintext bytes.
     """
     required = _context(context)
-    with open_input(src) as (fin, before):
-        _check_distinct(before, dst)
-        with AtomicOutput(dst, force=force, mode=PRIVATE_MODE) as out:
-            n = decrypt_stream(fin, out, kms=kms, context=required, threads=threads)
-            _check_unchanged(fin, before)
-    return n
+    with _file_to_file(src, dst, force=force, mode=PRIVATE_MODE) as (fin, out):
+        return decrypt_stream(fin, out, kms=kms, context=required, threads=threads)
 
 
 def migrate_file(
@@ -418,7 +423,7 @@ def migrate_file(
     """
     ctx = _context(context)
     _check_chunk_size(chunk_size)
-    with open_input(src) as (fin, before):
+    with _file_to_file(src, dst, force=force, mode=None) as (fin, out):
         head, reader = _sniff(fin)
         if not legacy.looks_like_legacy(head):
             if fmt.looks_like_v1(head):
@@ -426,20 +431,16 @@ def migrate_file(
                     "the input is already a kmsenv v1 file", hint="migrate converts the reference sample's 4-line files"
                 )
             raise FormatError(f"{_NOT_KMSENV}: not a legacy 4-line file", hint=_NOT_KMSENV_HINT)
-        _check_distinct(before, dst)
-        with AtomicOutput(dst, force=force) as out:
-            parsed = legacy.read_legacy(reader)
-            _check_unchanged(fin, before)
-            plaintext, legacy_key_id = _open_legacy(kms, parsed)
-            return encrypt_stream(
-                io.BytesIO(plaintext),
-                out,
-                kms=kms,
-                key_id=key_id or legacy_key_id,
-                context=ctx,
-                chunk_size=chunk_size,
-                threads=threads,
-            )
+        plaintext, legacy_key_id = _open_legacy(kms, legacy.read_legacy(reader))
+        return encrypt_stream(
+            io.BytesIO(plaintext),
+            out,
+            kms=kms,
+            key_id=key_id or legacy_key_id,
+            context=ctx,
+            chunk_size=chunk_size,
+            threads=threads,
+        )
 
 
 # ---------------------------------------------------------------------------- inspect --
