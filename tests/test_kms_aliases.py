@@ -176,6 +176,9 @@ def test_name_forms_in_other_key_parameters(call: Call, key_id: str, names: dict
     assert re_encrypted["KeyId"] == key_id
     version = call("DescribeKey", KeyId=key_id)["KeyMetadata"]["PrimaryKeyVersion"]
     assert call("DescribeKeyVersion", KeyId=names[form], KeyVersionId=version)["KeyVersion"]["KeyId"] == key_id
+    call("ScheduleKeyDeletion", KeyId=key_id, PendingWindowInDays=7)
+    call("CancelKeyDeletion", KeyId=names[form])
+    assert call("DescribeKey", KeyId=key_id)["KeyMetadata"]["KeyState"] == "Enabled"
     call("SetDeletionProtection", ProtectedResourceArn=names[form], EnableDeletionProtection=True)
     assert call("DescribeKey", KeyId=key_id)["KeyMetadata"]["DeletionProtection"] == "Enabled"
 
