@@ -380,3 +380,52 @@ def test_legacy_decrypt_and_migrate(
 
     rc, out, _ = cli(capsys, "inspect", str(legacy_file), "--json")
     assert json.loads(out)["format"] == "legacy-aes-eax"
+
+
+# ------------------------------------------------------------------------ remote KMS --
+
+
+@pytest.mark.slow
+def test_remote_kms_through_endpoint(tmp_path: Path) -> None:
+    """--endpoint plugs a kmsenv server in; its files decrypt with the embedded KMS of that home."""
+    from test_server_harness import shared_server
+
+    server = shared_server()
+    key_id = json.loads(server.cli("kms", "CreateKey").stdout)["KeyMetadata"]["KeyId"]
+    (tmp_path / "sales.csv").write_bytes(SALES)
+    unused_home = tmp_path / "not-used"
+    remote = [
+        "--endpoint",
+        server.endpoint,
+        "--insecure-http",
+    ]
+    env = {
+        **os.environ,
+        "KMSENV_HOME": str(unused_home),
+        "ALIBABA_CLOUD_ACCESS_KEY_ID": server.access_key_id,
+        "ALIBABA_CLOUD_ACCESS_KEY_SECRET": server.secret,
+    }
+    enc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kmsenv",
+            "encrypt",
+            "--key-id",
+            key_id,
+            "--context",
+            "via=server",
+            "sales.csv",
+            *remote,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert enc.returncode == 0, enc.stderr
+    assert not unused_home.exists()
+
+    dec = kmsenv("decrypt", "sales.csv.cipher", "-o", "-", "--context", "via=server", home=server.home, cwd=tmp_path)
+    assert (dec.returncode, dec.stdout) == (0, SALES)
