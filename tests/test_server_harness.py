@@ -21,6 +21,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -87,7 +88,7 @@ class Server:
                 self.proc.kill()
 
 
-def start_server(root: Path, *extra: str) -> Server:
+def start_server(root: Path, *extra: str, scheme: str = "http", verify: ssl.SSLContext | bool = True) -> Server:
     home = root / "home"
     env = {**os.environ, "KMSENV_HOME": str(home)}
     for name in ("KMSENV_ROOT_KEY_FILE", "KMSENV_REGION", "KMSENV_AUDIT_LOG"):
@@ -108,7 +109,7 @@ def start_server(root: Path, *extra: str) -> Server:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited: {log.read_text()}")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{server.url}health", timeout=1).status_code == 200:
+            if httpx.get(f"{scheme}://{server.endpoint}/health", timeout=1, verify=verify).status_code == 200:
                 break
         time.sleep(0.05)
     else:

@@ -7,6 +7,8 @@ leak no internals, and leave the server serving.
 from __future__ import annotations
 
 import json
+import signal
+import ssl
 import subprocess
 import sys
 import uuid
@@ -323,3 +325,51 @@ def test_server_keeps_serving_after_refusals(server: Server) -> None:
         httpx.post(server.url, content=b"\xff\xfe", headers={"content-type": "application/x-www-form-urlencoded"})
     assert httpx.post(server.url, params=_signed(server)).status_code == 200
     assert json.loads(httpx.get(f"{server.url}health").text) == {"Status": "OK"}
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    from datetime import UTC, datetime
+    from ipaddress import IPv4Address
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(IPv4Address("127.0.0.1"))]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+@pytest.mark.slow
+def test_tls_and_graceful_stop(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    trust = ssl.create_default_context(cafile=str(cert))
+    tls = start_server(tmp_path, "--tls-cert", str(cert), "--tls-key", str(key), scheme="https", verify=trust)
+    try:
+        url = f"https://{tls.endpoint}/"
+        params = sign_v1(tls.access_key_id, tls.secret, "ListKeys")
+        assert httpx.post(url, params=params, verify=trust).status_code == 200
+    finally:
+        tls.proc.terminate()
+        # uvicorn finishes in-flight requests, runs the lifespan shutdown (our stores close), then
+        # re-raises the SIGTERM it caught, so the exit status is the signal's.
+        assert tls.proc.wait(timeout=10) in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in tls.log.read_text()
