@@ -292,7 +292,7 @@ def test_usage_errors_exit_2(plain: Path, key: str, capsys: pytest.CaptureFixtur
 def test_chunk_size_suffixes(plain: Path, key: str, capsys: pytest.CaptureFixture[str]) -> None:
     rc, _, _ = cli(capsys, "encrypt", "--key-id", ALIAS, "--chunk-size", "64K", str(plain), "-o", str(plain) + ".c")
     assert rc == 0
-    assert fmt.read_header(open(str(plain) + ".c", "rb")).chunk_size == 65536  # noqa: SIM115
+    assert fmt.parse_header(Path(str(plain) + ".c").read_bytes())[0].chunk_size == 65536
 
 
 def test_default_output_names() -> None:
