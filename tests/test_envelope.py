@@ -337,11 +337,30 @@ def test_missing_input(tmp_path: Path, outdir: Path, kms: EmbeddedKms) -> None:
     assert names(outdir) == []
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
 def test_unreadable_input(plain: Path, outdir: Path, kms: EmbeddedKms) -> None:
     plain.chmod(0)
-    with pytest.raises(InputError, match="cannot read"):
-        envelope.encrypt_file(plain, outdir / "x", kms=kms, key_id="k")
+    if os.geteuid() != 0:
+        with pytest.raises(InputError, match="cannot read"):
+            envelope.encrypt_file(plain, outdir / "x", kms=kms, key_id="k")
+        return
+    # Root reads any file (CI runs as root): check in a forked child that drops to nobody, so
+    # the permission error is real. Exit 42 = the expected InputError was raised.
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            envelope.encrypt_file(plain, outdir / "x", kms=kms, key_id="k")
+        except InputError as exc:
+            code = 42 if "cannot read" in exc.message else 2
+        except BaseException:
+            code = 3
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 42
+    assert names(outdir) == []
 
 
 def test_existing_output_is_kept(cipher: Path, plain: Path, kms: EmbeddedKms) -> None:
