@@ -243,8 +243,7 @@ class KmsApp:
             reply = error_reply(exc, request_id=ex.request_id, host_id=ex.host_id)
             status, body, ex.code = reply.status, reply.body, reply.code
         ex.status = status
-        if ex.path != "/health":
-            await run_in_threadpool(self._finish, ex)
+        await run_in_threadpool(self._finish, ex)
         payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
         await send(
             {
@@ -353,7 +352,7 @@ class KmsApp:
             )
         )
         state = self._state
-        if state is None:
+        if state is None or ex.path == "/health":  # probes are logged, not audited: no API request
             return
         try:
             state.audit.append(
