@@ -168,3 +168,29 @@ def test_help_does_not_import_the_server_stack() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_every_request_gets_one_audit_record(app: KmsApp, credentials: tuple[str, str], home: Path) -> None:
+    import json
+
+    ok = _signed(credentials, "CreateKey")
+    _post(app, ok)
+    _post(app, ok)  # replayed
+    _post(app, _signed(credentials, "DescribeKey", params={"KeyId": "alias/missing"}))
+    _post(app, {"Action": "ListKeys"})  # unsigned
+    _post(app, path="health", method="GET")  # a probe: logged, not audited
+    records = [json.loads(line) for line in (home / "audit.jsonl").read_text().splitlines()]
+    assert [(r["action"], r["code"]) for r in records] == [
+        ("CreateKey", "OK"),
+        ("CreateKey", "SignatureNonceUsed"),
+        ("DescribeKey", "Forbidden.AliasNotFound"),
+        ("ListKeys", "MissingParameter"),
+    ]
+    assert records[0]["key_id"] and records[0]["access_key_id"] == credentials[0]
+    assert (records[2]["alias"], records[2]["key_id"]) == ("alias/missing", None)
+    assert all(
+        set(r)
+        == {"time", "request_id", "access_key_id", "action", "key_id", "alias", "code", "client", "latency_ms"}
+        | {"seq", "prev", "hash"}
+        for r in records
+    )

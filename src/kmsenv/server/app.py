@@ -311,9 +311,11 @@ class KmsApp:
     def _authenticated_call(self, req: signature.Request, ex: _Exchange) -> dict[str, Any]:
         state = self._open_state()
         params = ex.params
+        # What the request claims, for the logs, even if it is refused before it is verified.
+        ex.action = params.get("Action") or next((v for k, v in req.headers if k == "x-acs-action"), None)
+        ex.access_key_id = params.get("AccessKeyId")
         signed = signature.parse_auth(req)
         ex.access_key_id = signed.access_key_id
-        ex.action = params.get("Action") or req.header("x-acs-action")
         action = ex.action = _resolve_action(req, signed, params)
         signature.check_timestamp(signed.timestamp, self._clock())
         credential = state.access_keys.lookup(signed.access_key_id)
