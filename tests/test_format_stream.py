@@ -33,12 +33,6 @@ REC = CHUNK + CHUNK_TAG_SIZE
 STANZA = KeyStanza("acs-kms", "acs:kms:cn-hangzhou:1:key/k", "v1", b"blob")
 
 
-@pytest.fixture(autouse=True)
-def parallel_even_for_small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests use 4 KiB chunks; make threads>1 really use the pool for them."""
-    monkeypatch.setattr(stream_module, "_PARALLEL_MIN_CHUNK", 0)
-
-
 def data(n: int) -> bytes:
     return (hashlib.sha256(str(n).encode()).digest() * (n // 32 + 1))[:n]
 
@@ -276,4 +270,38 @@ def test_memory_is_bounded_by_the_window(monkeypatch: pytest.MonkeyPatch) -> Non
 
     monkeypatch.setattr(stream_module._Slot, "__init__", counting)
     seal(data(200 * CHUNK), threads=2)
-    assert len(created) <= 2 * 2 + 2
+    assert len(created) <= stream_module._MAX_SLOTS < 200
+
+
+class BrokenSink(io.RawIOBase):
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+        raise OSError(28, "No space left on device")
+
+
+class BrokenSource(Trickle):
+    """Fails on the third read, like a disk error halfway through."""
+
+    reads = 0
+
+    def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
+        self.reads += 1
+        if self.reads == 3:
+            raise OSError(5, "Input/output error")
+        return super().readinto(buf)
+
+
+def writer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "kmsenv-writer"]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_io_errors_propagate_and_leave_no_thread(threads: int) -> None:
+    _, file_key = new_header(KEY, stanzas=(STANZA,), context={}, chunk_size=CHUNK)
+    with pytest.raises(OSError, match="No space"):
+        encrypt_stream(io.BytesIO(data(40 * CHUNK)), BrokenSink(), file_key, chunk_size=CHUNK, threads=threads)  # type: ignore[arg-type]
+    with pytest.raises(OSError, match="Input/output"):
+        encrypt_stream(BrokenSource(data(40 * CHUNK)), io.BytesIO(), file_key, chunk_size=CHUNK, threads=threads)  # type: ignore[arg-type]
+    assert writer_threads() == []

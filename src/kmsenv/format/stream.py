@@ -10,20 +10,22 @@ This module owns the chunk framing (docs/format.md §7) and the engine that move
   always looks one record ahead. Nothing ever seeks: ``src`` and ``dst`` may be pipes.
 * Memory is a fixed set of reusable buffers (``readinto``, ``encrypt_into``/``decrypt_into``):
   no per-chunk allocation and nothing that grows with the file.
-* ``threads=1`` runs everything inline. ``threads>1`` hands the AEAD calls (which release the
-  GIL) to a small pool while this thread reads and writes; results are written strictly in
-  order and the window of chunks in flight is bounded. Both paths produce identical bytes.
+* ``threads=1`` runs everything in the calling thread. ``threads>=2`` adds one writer thread:
+  the caller reads and seals/opens, the writer writes, in order, through a bounded queue of
+  buffers, so the writes (which release the GIL) overlap the reads and the AEAD. More threads are
+  not used: cryptography 48 holds the GIL inside AES-GCM, so AEAD workers only contend (measured;
+  docs/format.md §9.8). Both paths produce identical bytes.
 
 Decryption writes a chunk's plaintext only after that chunk's tag verified, and stops at the
-first failure: chunks after a bad one are never released, even if they were already decrypted.
+first failure: nothing of a bad chunk, or of any chunk after it, is ever released.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections import deque
+import queue
+import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
 
 from kmsenv._crypto import GCM_TAG_SIZE
@@ -36,11 +38,11 @@ CHUNK_TAG_SIZE = GCM_TAG_SIZE
 _COUNTER_SIZE = 11
 _FINAL = b"\x01"
 _NOT_FINAL = b"\x00"
-#: Chunks in flight per worker thread: enough to keep workers busy while this thread does I/O.
-_WINDOW_PER_THREAD = 2
-#: Below this chunk size the pool's per-chunk hand-off costs more than the AEAD it moves off this
-#: thread (measured: 64 KiB chunks ran at half speed with two threads), so such streams run inline.
-_PARALLEL_MIN_CHUNK = 256 * 1024
+#: Buffers of the two-thread pipeline: about 4 MiB in flight, at least 4 records (one being read,
+#: the look-ahead, one being written, one queued), at most 16 (small chunks gain nothing more).
+_IN_FLIGHT_BYTES = 4 * 1024 * 1024
+_MIN_SLOTS = 4
+_MAX_SLOTS = 16
 _PAYLOAD_FAILED = "payload failed authentication"
 
 
@@ -124,9 +126,9 @@ def _pump(src: BinaryIO, dst: BinaryIO, size: int, job: _Job, threads: int) -> t
     """
     if not isinstance(threads, int) or threads < 1:
         raise ValueError("threads must be a positive integer")
-    read = written = 0
     buffer_size = size + CHUNK_TAG_SIZE
-    if threads == 1 or size < _PARALLEL_MIN_CHUNK:
+    if threads == 1:
+        read = written = 0
         pair = itertools.cycle((_Slot(buffer_size), _Slot(buffer_size)))
         for counter, final, slot, n in _records(src, size, pair.__next__):
             out = job(counter, final, slot, n)
@@ -134,33 +136,53 @@ def _pump(src: BinaryIO, dst: BinaryIO, size: int, job: _Job, threads: int) -> t
             read += n
             written += out
         return read, written
+    return _pump_with_writer(src, dst, size, job, buffer_size)
 
-    window = _WINDOW_PER_THREAD * threads
-    free = [_Slot(buffer_size) for _ in range(window + 2)]  # +2: the record being read and the look-ahead
-    inflight: deque[tuple[Future[int], _Slot]] = deque()
 
-    def drain_one() -> None:
+def _pump_with_writer(src: BinaryIO, dst: BinaryIO, size: int, job: _Job, buffer_size: int) -> tuple[int, int]:
+    """The two-thread pipeline: this thread reads and runs ``job``; a writer thread writes.
+
+    Why not a pool of AEAD workers: cryptography 48 holds the GIL inside AES-GCM, so AEAD calls on
+    several threads only contend for it (measured slower than inline). Reads and writes do release
+    the GIL, so overlapping the writes with the reads and the AEAD is what uses the second core.
+    The writer only ever sees records whose ``job`` returned, i.e. verified plaintext in order.
+    """
+    slots = max(_MIN_SLOTS, min(_MAX_SLOTS, _IN_FLIGHT_BYTES // buffer_size))
+    free: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
+    for _ in range(slots):
+        free.put(_Slot(buffer_size))
+    ready: queue.SimpleQueue[tuple[_Slot, int] | None] = queue.SimpleQueue()
+    failed: list[BaseException] = []
+    written = 0
+
+    def writer() -> None:
         nonlocal written
-        future, slot = inflight.popleft()
-        out = future.result()  # re-raises the job's IntegrityError: later chunks are never written
-        _write_all(dst, slot.out[:out])
-        written += out
-        free.append(slot)
+        while (item := ready.get()) is not None:
+            slot, out = item
+            if not failed:
+                try:
+                    _write_all(dst, slot.out[:out])
+                    written += out
+                except BaseException as exc:  # handed to the caller's thread below
+                    failed.append(exc)
+            free.put(slot)  # always recycled, so the reader can never wait forever
 
-    def acquire() -> _Slot:
-        while not free:
-            drain_one()
-        return free.pop()
-
-    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kmsenv-chunk")
+    thread = threading.Thread(target=writer, name="kmsenv-writer", daemon=True)
+    thread.start()
+    read = 0
     try:
-        for counter, final, slot, n in _records(src, size, acquire):
-            inflight.append((pool.submit(job, counter, final, slot, n), slot))
+        for counter, final, slot, n in _records(src, size, free.get):
+            if failed:
+                break
+            ready.put((slot, job(counter, final, slot, n)))
             read += n
-        while inflight:
-            drain_one()
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        # On a failed chunk, the verified chunks queued before it are still written, then the
+        # writer stops: dst holds exactly the plaintext before the first bad chunk.
+        ready.put(None)
+        thread.join()
+    if failed:
+        raise failed[0]
     return read, written
 
 
