@@ -194,3 +194,38 @@ def test_every_request_gets_one_audit_record(app: KmsApp, credentials: tuple[str
         | {"seq", "prev", "hash"}
         for r in records
     )
+
+
+@pytest.mark.parametrize("flavour", ["old", "acs3", "tea-v1", "acs4"])
+def test_internal_failure_as_each_sdk_surfaces_it(
+    home: Path, credentials: tuple[str, str], monkeypatch: pytest.MonkeyPatch, flavour: str
+) -> None:
+    import threading
+    import time
+
+    import uvicorn
+
+    from test_server_harness import ApiError, Caller, Server, free_port
+
+    def explode(*args: object) -> dict[str, Any]:
+        raise RuntimeError("internal detail")
+
+    monkeypatch.setattr(app_module, "dispatch", explode)
+    port = free_port()
+    application = KmsApp(ServerConfig(), home=home)
+    server = uvicorn.Server(uvicorn.Config(application, host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        target = Server(home, port, None, home / "unused.log", *credentials)  # type: ignore[arg-type]
+        with pytest.raises(ApiError) as err:
+            Caller(flavour, target).call("ListKeys")
+        expected_status = None if flavour == "acs4" else 500
+        assert (err.value.code, err.value.status) == ("InternalFailure", expected_status)
+        assert "internal detail" not in err.value.message
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
