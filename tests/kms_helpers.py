@@ -24,6 +24,7 @@ EXPECTED_STATUS = {
     "Forbidden.AliasNotFound": 404,
     "Forbidden.KeyVersionNotFound": 404,
     "InvalidApi.NotFound": 404,
+    "DryRunOperation": 412,
     "MissingParameter": 400,
     "InvalidParameter": 400,
     "InvalidCiphertext": 400,

@@ -292,3 +292,30 @@ def test_re_encrypt_errors(call: Call, key_id: str) -> None:
 def test_plaintext_must_be_text(call: Call, key_id: str) -> None:
     for bad in ("\ud800", "a\udcffb"):  # a lone surrogate; an undecodable argv byte (surrogateescape)
         expect_error(call, "InvalidParameter", "Encrypt", KeyId=key_id, Plaintext=bad, match="Plaintext")
+
+
+# -- DryRun -----------------------------------------------------------------------------------
+
+
+def test_dry_run_checks_everything_and_uses_no_key(call: Call, key_id: str) -> None:
+    blob = call("GenerateDataKey", KeyId=key_id)["CiphertextBlob"]
+    for action, params in (
+        ("Encrypt", {"KeyId": key_id, "Plaintext": "secret"}),
+        ("GenerateDataKey", {"KeyId": key_id}),
+        ("GenerateDataKeyWithoutPlaintext", {"KeyId": key_id}),
+        ("Decrypt", {"CiphertextBlob": blob}),
+        ("ReEncrypt", {"CiphertextBlob": blob, "DestinationKeyId": key_id}),
+    ):
+        err = expect_error(call, "DryRunOperation", action, DryRun="true", **params)
+        assert err.http_status == 412
+        # DryRun=false is an ordinary call.
+        assert "RequestId" in call(action, DryRun="false", **params)
+    # The checks still run before the dry-run stop: parameters, key, state.
+    expect_error(call, "InvalidParameter", "GenerateDataKey", KeyId=key_id, NumberOfBytes="0", DryRun="true")
+    expect_error(call, "Forbidden.KeyNotFound", "Encrypt", KeyId=str(uuid.uuid4()), Plaintext="x", DryRun="true")
+    call("DisableKey", KeyId=key_id)
+    expect_error(call, "Rejected.Disabled", "Decrypt", CiphertextBlob=blob, DryRun="true")
+
+
+def test_invalid_key_spec_is_refused_even_with_number_of_bytes(call: Call, key_id: str) -> None:
+    expect_error(call, "InvalidParameter", "GenerateDataKey", KeyId=key_id, KeySpec="AES_512", NumberOfBytes="16")

@@ -44,10 +44,10 @@ def test_reference_parameter_names() -> None:
         | {"RotationInterval", "Tags"},
         "CreateAlias": {"AliasName", "KeyId"},
         "UpdateAlias": {"AliasName", "KeyId"},
-        "GenerateDataKey": {"KeyId", "KeySpec", "NumberOfBytes", "EncryptionContext"},
-        "Encrypt": {"KeyId", "Plaintext", "EncryptionContext"},
-        "Decrypt": {"CiphertextBlob", "EncryptionContext"},
-        "ReEncrypt": {"CiphertextBlob", "SourceEncryptionContext", "DestinationKeyId"}
+        "GenerateDataKey": {"KeyId", "KeySpec", "NumberOfBytes", "EncryptionContext", "DryRun"},
+        "Encrypt": {"KeyId", "Plaintext", "EncryptionContext", "DryRun"},
+        "Decrypt": {"CiphertextBlob", "EncryptionContext", "DryRun"},
+        "ReEncrypt": {"CiphertextBlob", "SourceEncryptionContext", "DestinationKeyId", "DryRun"}
         | {"DestinationEncryptionContext", "SourceKeyId", "SourceKeyVersionId"},
         "DescribeKey": {"KeyId"},
         "ListKeys": {"PageNumber", "PageSize", "Filters"},

@@ -167,6 +167,7 @@ HTTP_STATUS: dict[str, int] = {
     "Unsupported.ProtectionLevel": 400,
     "Unsupported.KeySpec": 400,
     "AliasAlreadyExists": 400,
+    "DryRunOperation": 412,
     "Rejected.Enabled": 409,
     "Rejected.Disabled": 409,
     "Rejected.PendingDeletion": 409,

@@ -57,6 +57,7 @@ class Action:
 
 _KEY = Param("KeyId", required=True, help="key id, key ARN, alias name (alias/...) or alias ARN")
 _CONTEXT = Param("EncryptionContext", "json", help='JSON object of strings, e.g. {"project":"apollo"}')
+_DRY_RUN = Param("DryRun", "bool", help="true: check everything, use no key material (DryRunOperation)")
 _PAGE = (Param("PageNumber", "int", help="page to return, from 1"), Param("PageSize", "int", help="1-100, default 10"))
 _ROTATION = Param("RotationInterval", help="e.g. 30d or 2592000s; 7 to 730 days")
 
@@ -112,12 +113,12 @@ _TABLE: tuple[Action, ...] = (
     Action(
         "Encrypt",
         "Encrypt up to 6 KiB of text under a CMK's primary version.",
-        (_KEY, Param("Plaintext", required=True), _CONTEXT),
+        (_KEY, Param("Plaintext", required=True), _CONTEXT, _DRY_RUN),
     ),
     Action(
         "Decrypt",
         "Decrypt a CiphertextBlob (it names its CMK and version).",
-        (Param("CiphertextBlob", required=True), _CONTEXT),
+        (Param("CiphertextBlob", required=True), _CONTEXT, _DRY_RUN),
     ),
     Action(
         "GenerateDataKey",
@@ -127,12 +128,13 @@ _TABLE: tuple[Action, ...] = (
             Param("KeySpec", help="AES_256 (default) or AES_128"),
             Param("NumberOfBytes", "int", help="1 to 1024; overrides KeySpec"),
             _CONTEXT,
+            _DRY_RUN,
         ),
     ),
     Action(
         "GenerateDataKeyWithoutPlaintext",
         "Make a data key and return only its CiphertextBlob.",
-        (_KEY, Param("KeySpec"), Param("NumberOfBytes", "int"), _CONTEXT),
+        (_KEY, Param("KeySpec"), Param("NumberOfBytes", "int"), _CONTEXT, _DRY_RUN),
     ),
     Action(
         "ReEncrypt",
@@ -144,6 +146,7 @@ _TABLE: tuple[Action, ...] = (
             Param("DestinationEncryptionContext", "json"),
             Param("SourceKeyId"),
             Param("SourceKeyVersionId"),
+            _DRY_RUN,
         ),
     ),
     Action("CreateKeyVersion", "Create a new primary version of a CMK (manual rotation).", (_KEY,)),

@@ -360,7 +360,14 @@ class KmsService:
         return version_id, encode_blob(prefix, nonce, sealed)
 
     def _open(
-        self, tx: Tx, action: str, ciphertext_blob: str | None, context: Mapping[str, str], *, param: str
+        self,
+        tx: Tx,
+        action: str,
+        ciphertext_blob: str | None,
+        context: Mapping[str, str],
+        *,
+        param: str,
+        dry_run: bool | None = None,
     ) -> tuple[KeyRecord, str, bytes]:
         parsed = decode_blob(_require_text(ciphertext_blob, param))
         key = tx.get_key(parsed.key_id)
@@ -368,6 +375,7 @@ class KmsService:
             raise _not_found(parsed.key_id, tx.deleted_at(parsed.key_id))
         self._check_state(action, key)
         aead = self._aead(tx, key.key_id, parsed.key_version_id)
+        _stop_if_dry_run(dry_run, action)
         try:
             plaintext = aead.decrypt(
                 parsed.nonce, parsed.sealed, blob_aad(parsed.prefix, canonical_context(context)), what="blob"
@@ -631,6 +639,7 @@ class KmsService:
         key_id: str | None = None,
         plaintext: str | None = None,
         encryption_context: Mapping[str, str] | str | None = None,
+        dry_run: bool | None = None,
     ) -> Response:
         if plaintext is None or plaintext == "":
             raise KmsError.missing_parameter("Plaintext")
@@ -646,24 +655,27 @@ class KmsService:
         with self._tx(write=False) as tx:
             key = self._resolve(tx, key_id)
             self._check_state("Encrypt", key)
+            _stop_if_dry_run(dry_run, "Encrypt")
             version_id, blob = self._seal(tx, key, data, context)
         return {"KeyId": key.key_id, "KeyVersionId": version_id, "CiphertextBlob": blob}
 
     def _data_key(
         self,
+        *,
         action: str,
         key_id: str | None,
         key_spec: str | None,
         number_of_bytes: int | None,
         encryption_context: Mapping[str, str] | str | None,
+        dry_run: bool | None,
     ) -> tuple[Response, str]:
+        if key_spec and key_spec not in _DATA_KEY_SPECS:
+            raise KmsError.invalid_parameter("KeySpec", "It must be AES_256 or AES_128.")
         if number_of_bytes is not None:
             if not 1 <= number_of_bytes <= 1024:
                 raise KmsError.invalid_parameter("NumberOfBytes", "It must be between 1 and 1024.")
             size = number_of_bytes
         elif key_spec:
-            if key_spec not in _DATA_KEY_SPECS:
-                raise KmsError.invalid_parameter("KeySpec", "It must be AES_256 or AES_128.")
             size = _DATA_KEY_SPECS[key_spec]
         else:
             size = 32
@@ -674,6 +686,7 @@ class KmsService:
         with self._tx(write=False) as tx:
             key = self._resolve(tx, key_id)
             self._check_state(action, key)
+            _stop_if_dry_run(dry_run, action)
             version_id, blob = self._seal(tx, key, plaintext.encode("ascii"), context)
         return {"KeyId": key.key_id, "KeyVersionId": version_id, "CiphertextBlob": blob}, plaintext
 
@@ -684,8 +697,16 @@ class KmsService:
         key_spec: str | None = None,
         number_of_bytes: int | None = None,
         encryption_context: Mapping[str, str] | str | None = None,
+        dry_run: bool | None = None,
     ) -> Response:
-        response, plaintext = self._data_key("GenerateDataKey", key_id, key_spec, number_of_bytes, encryption_context)
+        response, plaintext = self._data_key(
+            action="GenerateDataKey",
+            key_id=key_id,
+            key_spec=key_spec,
+            number_of_bytes=number_of_bytes,
+            encryption_context=encryption_context,
+            dry_run=dry_run,
+        )
         response["Plaintext"] = plaintext
         return response
 
@@ -696,18 +717,30 @@ class KmsService:
         key_spec: str | None = None,
         number_of_bytes: int | None = None,
         encryption_context: Mapping[str, str] | str | None = None,
+        dry_run: bool | None = None,
     ) -> Response:
         response, _ = self._data_key(
-            "GenerateDataKeyWithoutPlaintext", key_id, key_spec, number_of_bytes, encryption_context
+            action="GenerateDataKeyWithoutPlaintext",
+            key_id=key_id,
+            key_spec=key_spec,
+            number_of_bytes=number_of_bytes,
+            encryption_context=encryption_context,
+            dry_run=dry_run,
         )
         return response
 
     def decrypt(
-        self, *, ciphertext_blob: str | None = None, encryption_context: Mapping[str, str] | str | None = None
+        self,
+        *,
+        ciphertext_blob: str | None = None,
+        encryption_context: Mapping[str, str] | str | None = None,
+        dry_run: bool | None = None,
     ) -> Response:
         context = parse_context(encryption_context)
         with self._tx(write=False) as tx:
-            key, version_id, plaintext = self._open(tx, "Decrypt", ciphertext_blob, context, param="CiphertextBlob")
+            key, version_id, plaintext = self._open(
+                tx, "Decrypt", ciphertext_blob, context, param="CiphertextBlob", dry_run=dry_run
+            )
         return {
             "KeyId": key.key_id,
             "KeyVersionId": version_id,
@@ -723,6 +756,7 @@ class KmsService:
         destination_encryption_context: Mapping[str, str] | str | None = None,
         source_key_id: str | None = None,
         source_key_version_id: str | None = None,
+        dry_run: bool | None = None,
     ) -> Response:
         source_context = parse_context(source_encryption_context, param="SourceEncryptionContext")
         destination_context = parse_context(destination_encryption_context, param="DestinationEncryptionContext")
@@ -740,6 +774,7 @@ class KmsService:
                     "SourceKeyVersionId", "It does not match the key version of the CiphertextBlob."
                 )
             self._check_state("ReEncrypt", destination)
+            _stop_if_dry_run(dry_run, "ReEncrypt")
             new_version, blob = self._seal(tx, destination, plaintext, destination_context)
         return {"KeyId": destination.key_id, "KeyVersionId": new_version, "CiphertextBlob": blob}
 
@@ -809,6 +844,14 @@ class KmsService:
                 key.next_rotation_date = None
 
         return self._change_key("UpdateRotationPolicy", key_id, change)
+
+
+def _stop_if_dry_run(dry_run: bool | None, action: str) -> None:
+    """DryRun: every check has passed; stop before any key material is used or returned."""
+    if dry_run:
+        raise KmsError(
+            "DryRunOperation", f"{action} would have succeeded: parameters, key and key state are valid (DryRun)."
+        )
 
 
 def _check_alias_name(alias_name: str | None) -> str:
