@@ -20,6 +20,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 import socket
 import ssl
 import subprocess
@@ -125,7 +126,12 @@ def shared_server() -> Server:
 
     root = Path(tempfile.mkdtemp(prefix="kmsenv-server-test-"))
     server = start_server(root)
-    atexit.register(server.stop)
+
+    def cleanup() -> None:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+    atexit.register(cleanup)
     return server
 
 
