@@ -7,12 +7,17 @@ Kept generic on purpose; other test modules may use them:
 - ``clock``: a :class:`FakeClock` (aware UTC) that tests move with ``clock.advance(days=8)``;
 - ``service``: ``open_service(kms_home, clock=clock)``, closed after the test;
 - ``call``: ``call("Action", Param=value, ...)`` → ``dispatch`` with every value turned into the
-  string the wire would carry (``True`` → ``"True"`` as the SDKs send it, dicts → JSON).
+  string the wire would carry (``True`` → ``"True"`` as the SDKs send it, dicts → JSON);
+- ``kms``/``key``: an ``EmbeddedKms`` over ``service``, and the reference document's CMK behind
+  ``alias/Apollo/WorkKey``; ``outdir``: an empty output folder; ``readonly_dir``: one nobody can
+  write in (as root, made immutable).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,6 +25,8 @@ from typing import Any
 
 import pytest
 
+from files_helpers import ALIAS
+from kmsenv.clients import EmbeddedKms
 from kmsenv.kms.actions import dispatch
 from kmsenv.kms.service import KmsService, open_service
 
@@ -84,3 +91,46 @@ def call(service: KmsService) -> Call:
 def key_id(call: Call) -> str:
     """A fresh Enabled symmetric key."""
     return str(call("CreateKey")["KeyMetadata"]["KeyId"])
+
+
+@pytest.fixture
+def kms(service: KmsService) -> EmbeddedKms:
+    return EmbeddedKms(service=service)
+
+
+@pytest.fixture
+def key(kms: EmbeddedKms) -> str:
+    """The reference document's CMK, reachable as alias/Apollo/WorkKey; returns its key id."""
+    key_id = str(kms.service.create_key()["KeyMetadata"]["KeyId"])
+    kms.service.create_alias(alias_name=ALIAS, key_id=key_id)
+    return key_id
+
+
+@pytest.fixture
+def outdir(tmp_path: Path) -> Path:
+    folder = tmp_path / "out"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def readonly_dir(tmp_path: Path) -> Iterator[Path]:
+    """A folder nobody can create files in; as root, chmod is not enough, so it is made immutable."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    immutable = os.geteuid() == 0 and subprocess.run(["chattr", "+i", str(folder)], check=False).returncode == 0
+    try:
+        probe = folder / "probe"
+        try:
+            probe.write_bytes(b"")
+        except OSError:
+            pass
+        else:
+            probe.unlink()
+            pytest.skip("cannot make a read-only folder here")
+        yield folder
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        folder.chmod(0o755)

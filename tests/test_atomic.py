@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -135,29 +134,6 @@ def test_folder_as_target(tmp_path: Path) -> None:
     (tmp_path / "d").mkdir()
     with pytest.raises(OutputError, match="is a folder"), AtomicOutput(tmp_path / "d", force=True):
         pass
-
-
-@pytest.fixture
-def readonly_dir(tmp_path: Path) -> Iterator[Path]:
-    """A folder nobody can create files in; as root, chmod is not enough, so it is made immutable."""
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    folder.chmod(0o555)
-    immutable = os.geteuid() == 0 and subprocess.run(["chattr", "+i", str(folder)], check=False).returncode == 0
-    try:
-        probe = folder / "probe"
-        try:
-            probe.write_bytes(b"")
-        except OSError:
-            pass
-        else:
-            probe.unlink()
-            pytest.skip("cannot make a read-only folder here")
-        yield folder
-    finally:
-        if immutable:
-            subprocess.run(["chattr", "-i", str(folder)], check=True)
-        folder.chmod(0o755)
 
 
 def test_unwritable_folder(readonly_dir: Path, flavour: str) -> None:

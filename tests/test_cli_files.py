@@ -13,16 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from files_helpers import ALIAS, CHUNK, CONTEXT, SALES, digest, flip, names, sample_encrypt
 from kmsenv import format as fmt
 from kmsenv.cli import main
 from kmsenv.cli.files import default_decrypt_output, default_encrypt_output, default_migrate_output
 from kmsenv.clients import EmbeddedKms
-from test_atomic import readonly_dir
-from test_envelope import ALIAS, CHUNK, CONTEXT, digest, flip, key, kms, names, outdir
-from test_legacy import SALES, sample_encrypt
-
-#: Fixtures shared with the other test modules (named here so the imports count as used).
-SHARED_FIXTURES = (key, kms, outdir, readonly_dir)
 
 
 def kmsenv(

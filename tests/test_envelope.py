@@ -1,11 +1,10 @@
 """The envelope layer against the real embedded KMS: round trips, every bad input, no leftovers.
 
-Fixtures here (``kms``, ``key``) and the helpers are also imported by the legacy and CLI tests.
+Shared fixtures live in conftest.py, shared helpers in files_helpers.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import stat
@@ -17,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from files_helpers import ALIAS, CHUNK, CONTEXT, digest, flip, names
 from kmsenv import envelope
 from kmsenv import format as fmt
 from kmsenv.clients import EmbeddedKms
@@ -31,39 +31,7 @@ from kmsenv.errors import (
     OutputError,
     UsageError,
 )
-from kmsenv.kms.service import KmsService, open_service
-
-ALIAS = "alias/Apollo/WorkKey"
-CHUNK = 4096  # small chunks: multi-chunk files stay small
-CONTEXT = {"project": "apollo", "dept": "sales"}
-
-
-@pytest.fixture
-def kms(service: KmsService) -> EmbeddedKms:
-    return EmbeddedKms(service=service)
-
-
-@pytest.fixture
-def key(kms: EmbeddedKms) -> str:
-    """The reference document's CMK, reachable as alias/Apollo/WorkKey; returns its key id."""
-    key_id = str(kms.service.create_key()["KeyMetadata"]["KeyId"])
-    kms.service.create_alias(alias_name=ALIAS, key_id=key_id)
-    return key_id
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def names(folder: Path) -> list[str]:
-    """Every entry in ``folder``, hidden ones (named temporary files) included."""
-    return sorted(p.name for p in folder.iterdir())
-
-
-def flip(path: Path, offset: int, bit: int = 0) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 1 << bit
-    path.write_bytes(bytes(data))
+from kmsenv.kms.service import open_service
 
 
 @pytest.fixture
@@ -80,13 +48,6 @@ def cipher(plain: Path, kms: EmbeddedKms, key: str) -> Path:
     out = plain.with_name("sales.csv.cipher")
     envelope.encrypt_file(plain, out, kms=kms, key_id=ALIAS, context=CONTEXT, chunk_size=CHUNK)
     return out
-
-
-@pytest.fixture
-def outdir(tmp_path: Path) -> Path:
-    folder = tmp_path / "out"
-    folder.mkdir()
-    return folder
 
 
 def expect_failure(

@@ -1,0 +1,74 @@
+"""Helpers shared by the file-encryption tests (envelope, legacy, CLI): constants, file probes,
+and the reference document's sample code ported to Python 3 (to produce legacy files)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from pathlib import Path
+
+from kmsenv import _crypto
+from kmsenv.clients import EmbeddedKms
+
+ALIAS = "alias/Apollo/WorkKey"
+CHUNK = 4096  # small chunks: multi-chunk files stay small
+CONTEXT = {"project": "apollo", "dept": "sales"}
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def names(folder: Path) -> list[str]:
+    """Every entry in ``folder``, hidden ones (named temporary files) included."""
+    return sorted(p.name for p in folder.iterdir())
+
+
+def flip(path: Path, offset: int, bit: int = 0) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 1 << bit
+    path.write_bytes(bytes(data))
+
+
+SALES = b"date,region,amount\n2026-01-01,hangzhou,1200.50\n2026-01-02,beijing,880.00\n" * 50
+
+
+# --- the reference sample, ported -------------------------------------------------------------
+
+
+def KmsGenerateDataKey(kms: EmbeddedKms, key_alias: str) -> tuple[str, str]:
+    response = kms.service.generate_data_key(key_id=key_alias, number_of_bytes=32)
+    return response["Plaintext"], response["CiphertextBlob"]
+
+
+def ReadTextFile(in_file: Path) -> bytes:
+    with open(in_file, "rb") as file:  # Python 2's str was bytes
+        return file.read()
+
+
+def WriteTextFile(out_file: Path, lines: list[str]) -> None:
+    with open(out_file, "w") as file:
+        for ln in lines:
+            file.write(ln)
+            file.write("\n")
+
+
+def LocalEncrypt(datakey_plaintext: str, datakey_encrypted: str, in_file: Path, out_file: Path) -> None:
+    data_key_binary = base64.b64decode(datakey_plaintext)
+    nonce, ciphertext, tag = _crypto.eax_encrypt(data_key_binary, ReadTextFile(in_file))
+    lines = [
+        datakey_encrypted,
+        base64.b64encode(nonce).decode(),
+        base64.b64encode(ciphertext).decode(),
+        base64.b64encode(tag).decode(),
+    ]
+    WriteTextFile(out_file, lines)
+
+
+def sample_encrypt(kms: EmbeddedKms, folder: Path, content: bytes = SALES) -> Path:
+    in_file, out_file = folder / "sales.csv", folder / "sales.csv.cipher"
+    in_file.write_bytes(content)
+    datakey = KmsGenerateDataKey(kms, ALIAS)
+    LocalEncrypt(datakey[0], datakey[1], in_file, out_file)
+    in_file.unlink()
+    return out_file
