@@ -51,18 +51,27 @@ def parse_endpoint(endpoint: str) -> tuple[str, str | None]:
     return endpoint, scheme
 
 
+def _env_provider() -> Any:
+    from alibabacloud_credentials.provider import StaticAKCredentialsProvider, StaticSTSCredentialsProvider
+
+    ak, secret = os.environ["ALIBABA_CLOUD_ACCESS_KEY_ID"], os.environ["ALIBABA_CLOUD_ACCESS_KEY_SECRET"]
+    token = os.environ.get("ALIBABA_CLOUD_SECURITY_TOKEN")
+    if token:
+        return StaticSTSCredentialsProvider(access_key_id=ak, access_key_secret=secret, security_token=token)
+    return StaticAKCredentialsProvider(access_key_id=ak, access_key_secret=secret)
+
+
 def _local_chain() -> Any:
-    """The default credential chain minus the cloud-only providers (ECS metadata, OIDC, URI)."""
+    """The default chain's file-based providers (environment handled before), minus the cloud-only
+    ones (ECS metadata, OIDC, URI)."""
     from alibabacloud_credentials.provider import (
         CLIProfileCredentialsProvider,
-        EnvironmentVariableCredentialsProvider,
         ProfileCredentialsProvider,
     )
 
     class LocalChain:
         def __init__(self) -> None:
             self._providers = [
-                EnvironmentVariableCredentialsProvider(),
                 CLIProfileCredentialsProvider(),
                 ProfileCredentialsProvider(),
             ]
@@ -127,8 +136,13 @@ class RemoteApi:
         # raise says what to do instead.
         logging.getLogger("credentials").setLevel(logging.CRITICAL)
         try:
+            provider: Any
             if profile:
-                provider: Any = CLIProfileCredentialsProvider(profile_name=profile)
+                provider = CLIProfileCredentialsProvider(profile_name=profile)
+            elif os.environ.get("ALIBABA_CLOUD_ACCESS_KEY_ID") and os.environ.get("ALIBABA_CLOUD_ACCESS_KEY_SECRET"):
+                # Read the environment now: the SDK's own environment provider captured it when
+                # the module was first imported, which misses changes made since.
+                provider = _env_provider()
             elif _is_loopback(self.endpoint.rsplit(":", 1)[0].strip("[]")):
                 # A kmsenv server on this machine: the ECS metadata service (RAM roles) can't
                 # hold credentials for it, and querying it would send traffic off the machine.
