@@ -28,19 +28,21 @@ import errno
 import io
 import os
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from kmsenv import format as fmt
 from kmsenv._atomic import PRIVATE_MODE, AtomicOutput, same_file
-from kmsenv.clients import Kms, UnwrappedKey
+from kmsenv.clients import Kms, UnwrappedKey, WrappedKey
 from kmsenv.errors import (
     ConfigError,
     ContextError,
     FormatError,
     InputError,
     IntegrityError,
+    KmsenvError,
     KmsError,
     OutputError,
     UsageError,
@@ -49,8 +51,12 @@ from kmsenv.format import legacy
 from kmsenv.format.header import MAGIC_PREFIX, chunk_log2, encode_context
 
 __all__ = [
+    "DecryptResult",
+    "StanzaOutcome",
     "decrypt_file",
+    "decrypt_file_result",
     "decrypt_stream",
+    "decrypt_stream_result",
     "encrypt_file",
     "encrypt_stream",
     "inspect_file",
@@ -63,6 +69,8 @@ StrPath = str | os.PathLike[str]
 _SNIFF_SIZE = 512
 _SUITE_NAMES = {fmt.SUITE_AES256GCM_HKDF_SHA256: "AES-256-GCM, HKDF-SHA256"}
 _CONTEXT_HINT = "`kmsenv inspect FILE` shows the encryption context a file is bound to"
+_MODIFIED_HINT = "the file was modified, or was not written for these keys"
+_DISCOVERY_HINT = "name one of the file's keys with --key-id (`kmsenv inspect FILE` lists them), or pass --discovery"
 _NOT_KMSENV = "not a kmsenv encrypted file"
 _NOT_KMSENV_HINT = "kmsenv decrypts files written by `kmsenv encrypt` and the reference sample's 4-line files"
 #: errnos that mean "the output cannot take the data", whichever call noticed.
@@ -222,23 +230,70 @@ def _check_chunk_size(chunk_size: int) -> None:
         raise UsageError(exc.message) from None
 
 
-def _new_file_key(kms: Kms, key_id: str, context: Mapping[str, str], chunk_size: int) -> tuple[fmt.Header, fmt.FileKey]:
-    """GenerateDataKey under ``key_id`` and build the header around its wrapped form."""
-    data_key = kms.generate_data_key(key_id, encryption_context=context, number_of_bytes=fmt.DATA_KEY_SIZE)
-    wrapped = data_key.wrapped
-    stanza = fmt.KeyStanza(
+KeyIds = str | Sequence[str]
+
+
+def _key_ids(key_id: KeyIds) -> tuple[str, ...]:
+    """The CMKs to wrap a new data key under, in order (the first one generates it)."""
+    ids = (key_id,) if isinstance(key_id, str) else tuple(key_id)
+    if not ids:
+        raise UsageError("at least one key id is needed", hint="pass --key-id KEY")
+    if any(not isinstance(k, str) or not k for k in ids):
+        raise UsageError("key ids must be non-empty strings")
+    if len(set(ids)) != len(ids):
+        raise UsageError("the same key id is given twice")
+    if len(ids) > fmt.MAX_STANZAS:
+        raise UsageError(f"a file holds at most {fmt.MAX_STANZAS} wrapped keys, not {len(ids)}")
+    return ids
+
+
+def key_ref(name: str) -> str:
+    """The key id a key id or key ARN names, for matching stanzas (package-internal).
+
+    A file records key ARNs, never aliases: an alias can be re-pointed, so naming keys by alias
+    where a file's stanzas are selected would let whoever controls the alias choose. UsageError.
+    """
+    if name.startswith("alias/") or ":alias/" in name:
+        raise UsageError(
+            f"{name!r} is an alias: name keys by key id or key ARN here",
+            hint="`kmsenv inspect FILE` shows the key ARNs a file is wrapped under",
+        )
+    _, sep, tail = name.rpartition(":key/")
+    return tail if sep else name
+
+
+def _stanza(kms: Kms, wrapped: WrappedKey) -> fmt.KeyStanza:
+    return fmt.KeyStanza(
         provider=kms.provider_id,
         key_arn=wrapped.key_arn,
         key_version_id=wrapped.key_version_id,
         ciphertext_blob=base64.b64decode(wrapped.ciphertext_blob),
     )
+
+
+def _generate(
+    kms: Kms, key_ids: tuple[str, ...], context: Mapping[str, str]
+) -> tuple[bytes, tuple[fmt.KeyStanza, ...]]:
+    """GenerateDataKey under the first CMK, Encrypt of the same data key under each other one."""
+    data_key = kms.generate_data_key(key_ids[0], encryption_context=context, number_of_bytes=fmt.DATA_KEY_SIZE)
+    stanzas = [_stanza(kms, data_key.wrapped)]
+    for other in key_ids[1:]:
+        stanzas.append(_stanza(kms, kms.encrypt_data_key(other, data_key.plaintext, encryption_context=context)))
+    return data_key.plaintext, tuple(stanzas)
+
+
+def _new_file_key(
+    kms: Kms, key_ids: tuple[str, ...], context: Mapping[str, str], chunk_size: int
+) -> tuple[fmt.Header, fmt.FileKey]:
+    """A fresh data key and the header around its stanzas (one per CMK)."""
+    plaintext, stanzas = _generate(kms, key_ids, context)
     try:
-        return fmt.new_header(data_key.plaintext, stanzas=[stanza], context=context, chunk_size=chunk_size)
+        return fmt.new_header(plaintext, stanzas=stanzas, context=context, chunk_size=chunk_size)
     finally:
         # The plaintext data key is immutable bytes (that is what the Kms protocol returns), so it
-        # cannot be zeroed; dropping the last reference as soon as the FileKey exists is what
-        # Python allows. From here on only derived keys exist.
-        del data_key
+        # cannot be zeroed; dropping our reference as soon as the FileKey exists is what Python
+        # allows. From here on only derived keys exist.
+        del plaintext
 
 
 def _unwrap_blob(kms: Kms, blob: str, context: Mapping[str, str]) -> UnwrappedKey:
@@ -260,27 +315,130 @@ def _unwrap_blob(kms: Kms, blob: str, context: Mapping[str, str]) -> UnwrappedKe
         ) from None
 
 
-def _unwrap(kms: Kms, header: fmt.Header) -> fmt.FileKey:
-    """Unwrap the data key from the first stanza the KMS can open, and authenticate the header."""
-    failures: list[KmsError | IntegrityError] = []
-    for stanza in header.stanzas:
-        if stanza.provider != kms.provider_id:
-            continue
+@dataclass(frozen=True, slots=True)
+class StanzaOutcome:
+    """What happened to one wrapped key of a file while opening it (1-based ``index``).
+
+    ``code``: ``ok``, an Alibaba error code (``Forbidden.NoPermission``, ``Rejected.Disabled``...),
+    ``InvalidCiphertext`` (does not open with the file's context), ``KeyMismatch`` (the KMS opened
+    it with a key other than the one the stanza names), ``NotNamed`` (not tried: not among the
+    caller's key ids and no discovery), ``OtherProvider`` (not tried: another kind of KMS) or
+    ``NotTried`` (an earlier one opened).
+    """
+
+    index: int
+    provider: str
+    key_arn: str
+    code: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "provider": self.provider, "key_arn": self.key_arn, "code": self.code}
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """A file's data key unwrapped and its header authenticated: the file key and how."""
+
+    file_key: fmt.FileKey = field(repr=False)
+    index: int  # 0-based index of the stanza that opened
+    key_id: str
+    key_version_id: str
+    outcomes: tuple[StanzaOutcome, ...]
+
+
+def _selection(
+    header: fmt.Header, kms: Kms, key_ids: Sequence[str] | None, discovery: bool
+) -> tuple[list[int], list[StanzaOutcome]]:
+    """Which stanzas to try, in order, and the ones left out (with why).
+
+    No ``key_ids``: every stanza of this KMS's provider, in header order. With ``key_ids``: the
+    stanzas under those keys, in header order; with ``discovery`` also the others, after them.
+    """
+    named = {key_ref(k) for k in key_ids or ()}
+    first: list[int] = []
+    later: list[int] = []
+    left_out: list[StanzaOutcome] = []
+    for i, s in enumerate(header.stanzas):
+        if s.provider != kms.provider_id:
+            left_out.append(StanzaOutcome(i + 1, s.provider, s.key_arn, "OtherProvider"))
+        elif not named or key_ref_of_arn(s.key_arn) in named:
+            first.append(i)
+        elif discovery:
+            later.append(i)
+        else:
+            left_out.append(StanzaOutcome(i + 1, s.provider, s.key_arn, "NotNamed"))
+    return first + later, left_out
+
+
+def key_ref_of_arn(arn: str) -> str:
+    """The key id at the end of a stanza's key ARN (the ARN itself if it has no ``:key/``)."""
+    _, sep, tail = arn.rpartition(":key/")
+    return tail if sep else arn
+
+
+def _unwrap(kms: Kms, header: fmt.Header, key_ids: Sequence[str] | None = None, discovery: bool = False) -> Opened:
+    """Unwrap the data key from the first usable stanza (see :func:`_selection`); open the header.
+
+    A stanza the KMS refuses (no permission, key not found, disabled...) or that does not open
+    falls through to the next. One that unwraps but fails the commitment or the header tag is
+    tampering: that stops everything with one IntegrityError.
+    """
+    order, left_out = _selection(header, kms, key_ids, discovery)
+    named = {key_ref(k) for k in key_ids or ()} if not discovery else set()
+    failures: list[tuple[StanzaOutcome, KmsenvError]] = []
+    for i in order:
+        stanza = header.stanzas[i]
         blob = base64.b64encode(stanza.ciphertext_blob).decode("ascii")
         try:
             unwrapped = _unwrap_blob(kms, blob, header.context)
         except (KmsError, IntegrityError) as exc:
-            failures.append(exc)
+            code = exc.code if isinstance(exc, KmsError) else "InvalidCiphertext"
+            failures.append((StanzaOutcome(i + 1, stanza.provider, stanza.key_arn, code), exc))
             continue
-        # A stanza that unwraps but fails the commitment or tag is tampering: stop, one error.
-        return fmt.open_header(header, unwrapped.plaintext)
-    if not failures:
-        providers = ", ".join(sorted({s.provider for s in header.stanzas}))
-        raise ConfigError(
-            f"the file's data key is wrapped only for KMS provider(s) {providers}, not {kms.provider_id}"
+        if named and unwrapped.key_id not in named:
+            # The stanza claims a key the caller named but its blob is under another key: a file
+            # built by someone else (who then holds its data key), dressed up as one of ours.
+            mismatch = IntegrityError("a wrapped key is not under the key its header names", hint=_MODIFIED_HINT)
+            failures.append((StanzaOutcome(i + 1, stanza.provider, stanza.key_arn, "KeyMismatch"), mismatch))
+            continue
+        file_key = fmt.open_header(header, unwrapped.plaintext)
+        tried = [o for o, _ in failures] + [StanzaOutcome(i + 1, stanza.provider, stanza.key_arn, "ok")]
+        rest = order[order.index(i) + 1 :]
+        tried += [StanzaOutcome(j + 1, header.stanzas[j].provider, header.stanzas[j].key_arn, "NotTried") for j in rest]
+        return Opened(
+            file_key,
+            i,
+            unwrapped.key_id,
+            unwrapped.key_version_id,
+            tuple(sorted(tried + left_out, key=lambda o: o.index)),
         )
+    raise _no_stanza_opened(header, kms, failures, left_out)
+
+
+def _no_stanza_opened(
+    header: fmt.Header, kms: Kms, failures: list[tuple[StanzaOutcome, KmsenvError]], left_out: list[StanzaOutcome]
+) -> KmsenvError:
+    """The error for a file none of whose stanzas opened: each stanza's code, in header order."""
+    outcomes = sorted([o for o, _ in failures] + left_out, key=lambda o: o.index)
+    listing = "; ".join(f"#{o.index} {o.key_arn}: {o.code}" for o in outcomes)
+    if not failures:
+        if all(o.code == "OtherProvider" for o in left_out):
+            providers = ", ".join(sorted({s.provider for s in header.stanzas}))
+            return ConfigError(
+                f"the file's data key is wrapped only for KMS provider(s) {providers}, not {kms.provider_id}"
+            )
+        return ConfigError(
+            f"none of the file's wrapped keys is under a key id you named ({listing})",
+            hint=_DISCOVERY_HINT,
+        )
+    if len(outcomes) == 1:
+        return failures[0][1]  # one wrapped key: its own error says it best
+    message = f"none of the file's {len(outcomes)} wrapped keys opened ({listing})"
     # A real KMS refusal says more (and is actionable) than "does not open".
-    raise next((exc for exc in failures if isinstance(exc, KmsError)), failures[0])
+    refusal = next((exc for _, exc in failures if isinstance(exc, KmsError)), None)
+    if refusal is not None:
+        return KmsError(refusal.code, message, hint=refusal.hint)
+    return IntegrityError(message, hint=failures[0][1].hint)
 
 
 def _open_legacy(kms: Kms, parsed: legacy.LegacyFile) -> tuple[bytes, str]:
@@ -300,25 +458,61 @@ def encrypt_stream(
     dst: BinaryIO,
     *,
     kms: Kms,
-    key_id: str,
+    key_id: KeyIds,
     context: Mapping[str, str] | None = None,
     chunk_size: int = fmt.DEFAULT_CHUNK_SIZE,
     threads: int = 2,
 ) -> int:
     """Encrypt ``src`` (read to EOF) into ``dst`` as a v1 file: header, then chunks.
 
-    ``key_id`` is a key id, key ARN, alias (``alias/...``) or alias ARN; ``context`` is bound to
-    the file (KMS blob, key derivation, header tag) and stored in the header in the clear, so it
-    must not hold secrets. ``chunk_size`` is a power of two from 4 KiB to 16 MiB (UsageError
-    otherwise). One ``GenerateDataKey`` call. Returns the number of plaintext bytes read.
+    ``key_id`` is a key id, key ARN, alias (``alias/...``) or alias ARN, or a sequence of them:
+    the data key comes from ``GenerateDataKey`` under the first and is wrapped under each other
+    one with ``Encrypt``; every wrapped copy goes in the header, and any one of them decrypts.
+    ``context`` is bound to the file (KMS blobs, key derivation, header tag) and stored in the
+    header in the clear, so it must not hold secrets. ``chunk_size`` is a power of two from
+    4 KiB to 16 MiB (UsageError otherwise). Returns the number of plaintext bytes read.
     ``dst`` receives bytes as they are produced; on failure it holds a partial file.
     """
     ctx = _context(context)
     _check_chunk_size(chunk_size)
-    header, file_key = _new_file_key(kms, key_id, ctx, chunk_size)
+    header, file_key = _new_file_key(kms, _key_ids(key_id), ctx, chunk_size)
     with _os_errors():
         dst.write(header.encode())
         return fmt.encrypt_stream(src, dst, file_key, chunk_size=chunk_size, threads=threads)
+
+
+@dataclass(frozen=True, slots=True)
+class DecryptResult:
+    """What :func:`decrypt_file_result` did: sizes, the file's context, and which key opened it.
+
+    ``key_arn``/``stanza`` name the wrapped key that opened (``None`` for legacy files, which
+    name their key only inside the blob); ``key_id``/``key_version_id`` are what the KMS said
+    unwrapped it; ``outcomes`` has one entry per wrapped key (see :class:`StanzaOutcome`).
+    """
+
+    plaintext_size: int
+    format: str
+    context: Mapping[str, str]
+    key_id: str
+    key_version_id: str
+    key_arn: str | None = None
+    stanza: int | None = None
+    outcomes: tuple[StanzaOutcome, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready facts (the ``--metadata-output`` fields of a decryption)."""
+        return {
+            "format": self.format,
+            "context": dict(self.context),
+            "plaintext_size": self.plaintext_size,
+            "decrypted_with": {
+                "key_id": self.key_id,
+                "key_version_id": self.key_version_id,
+                "key_arn": self.key_arn,
+                "stanza": self.stanza,
+            },
+            "wrapped_keys": [o.as_dict() for o in self.outcomes],
+        }
 
 
 def decrypt_stream(
@@ -327,31 +521,71 @@ def decrypt_stream(
     *,
     kms: Kms,
     context: Mapping[str, str] | None = None,
+    key_ids: Sequence[str] | None = None,
+    discovery: bool = False,
     threads: int = 2,
 ) -> int:
     """Decrypt a v1 or legacy file from ``src`` into ``dst``; return the plaintext byte count.
 
     ``context`` lists pairs that must be in the file's encryption context (ContextError
-    otherwise, checked before any KMS call); the file's own context is used to unwrap. v1 chunks
-    go to ``dst`` one by one, each only after its tag verified; a legacy file is verified whole
-    first. On IntegrityError ``dst`` may already hold verified chunks from before the failure:
-    the caller must discard them (:func:`decrypt_file` does).
+    otherwise, checked before any KMS call); the file's own context is used to unwrap.
+
+    Which wrapped keys are tried, in header order, each failure falling through to the next:
+    without ``key_ids``, every one for this KMS's provider; with ``key_ids`` (key ids or key
+    ARNs, not aliases: UsageError), only those under the named keys, unless ``discovery`` is
+    true, which tries the others after them. If none opens, the error lists each one's code.
+
+    v1 chunks go to ``dst`` one by one, each only after its tag verified; a legacy file is
+    verified whole first. On IntegrityError ``dst`` may already hold verified chunks from before
+    the failure: the caller must discard them (:func:`decrypt_file` does).
     """
+    return decrypt_stream_result(
+        src, dst, kms=kms, context=context, key_ids=key_ids, discovery=discovery, threads=threads
+    ).plaintext_size
+
+
+def decrypt_stream_result(
+    src: BinaryIO,
+    dst: BinaryIO,
+    *,
+    kms: Kms,
+    context: Mapping[str, str] | None = None,
+    key_ids: Sequence[str] | None = None,
+    discovery: bool = False,
+    threads: int = 2,
+) -> DecryptResult:
+    """:func:`decrypt_stream`, returning a :class:`DecryptResult` (which key opened the file)."""
     required = _context(context)
+    names = tuple(key_ids or ())
+    named = {key_ref(k) for k in names}  # UsageError for aliases, before any I/O or KMS call
     head, src = _sniff(src)
     if fmt.looks_like_v1(head) or head.startswith(MAGIC_PREFIX):
         header = fmt.read_header(src)  # also words an unknown version or a bad header precisely
         _require_context(header.context, required)
-        file_key = _unwrap(kms, header)
+        opened = _unwrap(kms, header, names, discovery)
         with _os_errors():
-            return fmt.decrypt_stream(src, dst, file_key, chunk_size=header.chunk_size, threads=threads)
+            size = fmt.decrypt_stream(src, dst, opened.file_key, chunk_size=header.chunk_size, threads=threads)
+        stanza = header.stanzas[opened.index]
+        return DecryptResult(
+            size,
+            "kmsenv",
+            dict(header.context),
+            opened.key_id,
+            opened.key_version_id,
+            key_arn=stanza.key_arn,
+            stanza=opened.index + 1,
+            outcomes=opened.outcomes,
+        )
     if legacy.looks_like_legacy(head):
         parsed = legacy.read_legacy(src)
         _require_context({}, required)  # the sample bound no context
-        plaintext, _ = _open_legacy(kms, parsed)
+        unwrapped = _unwrap_blob(kms, parsed.ciphertext_blob, {})
+        if named and not discovery and unwrapped.key_id not in named:
+            raise ConfigError("the legacy file's data key is not under a key id you named", hint=_DISCOVERY_HINT)
+        plaintext = legacy.open_legacy(parsed, unwrapped.plaintext)
         with _os_errors():
             dst.write(plaintext)
-        return len(plaintext)
+        return DecryptResult(len(plaintext), legacy.LEGACY_FORMAT, {}, unwrapped.key_id, unwrapped.key_version_id)
     if not head:
         raise FormatError(f"{_NOT_KMSENV}: the input is empty", hint=_NOT_KMSENV_HINT)
     raise FormatError(_NOT_KMSENV, hint=_NOT_KMSENV_HINT)
@@ -365,7 +599,7 @@ def encrypt_file(
     dst: StrPath,
     *,
     kms: Kms,
-    key_id: str,
+    key_id: KeyIds,
     context: Mapping[str, str] | None = None,
     chunk_size: int = fmt.DEFAULT_CHUNK_SIZE,
     force: bool = False,
@@ -389,18 +623,40 @@ def decrypt_file(
     *,
     kms: Kms,
     context: Mapping[str, str] | None = None,
+    key_ids: Sequence[str] | None = None,
+    discovery: bool = False,
     force: bool = False,
     threads: int = 2,
 ) -> int:
     """Decrypt the file ``src`` (v1 or legacy) into a new file ``dst``, mode 0600.
 
-    ``context``: pairs that must be in the file's context (ContextError otherwise). ``dst``
+    ``context``: pairs that must be in the file's context (ContextError otherwise);
+    ``key_ids``/``discovery``: which wrapped keys are tried (see :func:`decrypt_stream`). ``dst``
     appears only after every byte authenticated, never replaces an existing file without
     ``force``, and nothing remains of it on failure. Returns the number of plaintext bytes.
     """
+    return decrypt_file_result(
+        src, dst, kms=kms, context=context, key_ids=key_ids, discovery=discovery, force=force, threads=threads
+    ).plaintext_size
+
+
+def decrypt_file_result(
+    src: StrPath,
+    dst: StrPath,
+    *,
+    kms: Kms,
+    context: Mapping[str, str] | None = None,
+    key_ids: Sequence[str] | None = None,
+    discovery: bool = False,
+    force: bool = False,
+    threads: int = 2,
+) -> DecryptResult:
+    """:func:`decrypt_file`, returning a :class:`DecryptResult` (which key opened the file)."""
     required = _context(context)
     with _file_to_file(src, dst, force=force, mode=PRIVATE_MODE) as (fin, out):
-        return decrypt_stream(fin, out, kms=kms, context=required, threads=threads)
+        return decrypt_stream_result(
+            fin, out, kms=kms, context=required, key_ids=key_ids, discovery=discovery, threads=threads
+        )
 
 
 def migrate_file(

@@ -15,14 +15,15 @@ import json
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
 from kmsenv.cli._kms_options import add_kms_options, open_kms
 from kmsenv.clients import _ActionKms  # light: the KMS behind it is imported only when opened
-from kmsenv.errors import UsageError
+from kmsenv.errors import KmsenvError, OutputError, UsageError
 
 if TYPE_CHECKING:
     from kmsenv.clients import AlibabaKms, EmbeddedKms, Kms
+    from kmsenv.envelope import DecryptResult
 
 __all__ = ["default_decrypt_output", "default_encrypt_output", "default_migrate_output", "parse_context", "register"]
 
@@ -95,6 +96,30 @@ def _add_output(parser: argparse.ArgumentParser, default_text: str) -> None:
     parser.add_argument("-f", "--force", action="store_true", help="replace OUTPUT if it exists")
 
 
+def _add_key_selection(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--key-id",
+        action="append",
+        metavar="KEY",
+        help="try only the wrapped keys under this CMK (key id or key ARN, not an alias); repeatable. "
+        "Without --key-id every wrapped key of this KMS is tried, in order",
+    )
+    parser.add_argument(
+        "--discovery",
+        action="store_true",
+        help="with --key-id: after the named keys, also try the file's other wrapped keys",
+    )
+
+
+def _add_reporting(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", help="say on stderr which wrapped key worked")
+    parser.add_argument(
+        "--metadata-output",
+        metavar="FILE",
+        help="write one JSON line per file (input, output, keys, context, sizes, outcome) to FILE, '-' for stdout",
+    )
+
+
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     p = sub.add_parser(
         "encrypt",
@@ -104,7 +129,14 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "kept unless --force.",
     )
     p.add_argument("input", metavar="INPUT", help="file to encrypt, '-' for stdin")
-    p.add_argument("--key-id", required=True, help="CMK: key id, key ARN, alias (alias/...) or alias ARN")
+    p.add_argument(
+        "--key-id",
+        required=True,
+        action="append",
+        metavar="KEY",
+        help="CMK: key id, key ARN, alias (alias/...) or alias ARN; repeat to wrap the data key under several "
+        "CMKs (GenerateDataKey under the first, Encrypt under each other; any one decrypts)",
+    )
     _add_context(p, "encryption context pair bound to the file (stored in its header in the clear)")
     _add_output(p, "INPUT.cipher; stdout for stdin")
     p.add_argument(
@@ -127,6 +159,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("input", metavar="INPUT", help="file to decrypt, '-' for stdin")
     _add_context(p, "pair that must be in the file's encryption context, else exit 8")
     _add_output(p, "INPUT without .cipher, or INPUT.decrypted; stdout for stdin")
+    _add_key_selection(p)
+    _add_reporting(p)
     add_kms_options(p)
     p.set_defaults(func=_decrypt)
 
@@ -252,14 +286,84 @@ def _decrypt(args: argparse.Namespace) -> int:
 
     context = parse_context(args.context)
     output = args.output or default_decrypt_output(args.input)
-    with kms_from_args(args) as kms:
-        if STDIO not in (args.input, output):
-            envelope.decrypt_file(args.input, output, kms=kms, context=context, force=args.force)
-            return 0
-        with _source(args.input) as src, _sink(output, force=args.force, mode=PRIVATE_MODE, binary=False) as dst:
-            envelope.decrypt_stream(src, dst, kms=kms, context=context)
-        _flush_stdout(output)
+    options: dict[str, Any] = {"context": context, "key_ids": args.key_id, "discovery": args.discovery}
+    with _metadata(args.metadata_output, output) as meta, kms_from_args(args) as kms:
+        record: dict[str, Any] = {"input": args.input, "output": output, "operation": "decrypt"}
+        try:
+            if STDIO not in (args.input, output):
+                result = envelope.decrypt_file_result(args.input, output, kms=kms, force=args.force, **options)
+            else:
+                with (
+                    _source(args.input) as src,
+                    _sink(output, force=args.force, mode=PRIVATE_MODE, binary=False) as dst,
+                ):
+                    result = envelope.decrypt_stream_result(src, dst, kms=kms, **options)
+                _flush_stdout(output)
+        except KmsenvError as exc:
+            meta.write({**record, **failure_fields(exc)})
+            raise
+        meta.write({**record, "outcome": "ok", **result.as_dict()})
+        if args.verbose:
+            note(f"{_show(args.input)}: {describe_key(result)}")
     return 0
+
+
+def describe_key(result: DecryptResult) -> str:
+    """Which key decrypted a file, for ``--verbose``."""
+    if result.stanza is None:
+        return f"decrypted with key {result.key_id} (legacy file)"
+    total = len(result.outcomes)
+    return f"decrypted with wrapped key #{result.stanza} of {total}: {_show(result.key_arn or result.key_id)}"
+
+
+def note(text: str) -> None:
+    print(f"kmsenv: note: {text}", file=sys.stderr)
+
+
+def failure_fields(exc: KmsenvError) -> dict[str, Any]:
+    """The ``--metadata-output`` fields of a failed file: outcome, error class, code, message."""
+    error: dict[str, Any] = {"class": type(exc).__name__, "exit_code": exc.exit_code, "message": exc.message}
+    code = getattr(exc, "code", None)
+    if code is not None:
+        error["code"] = code
+    return {"outcome": "failed", "error": error}
+
+
+class MetadataWriter:
+    """``--metadata-output``: one JSON object per line, flushed per line; thread-safe."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        import threading
+
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        if self._stream is None:
+            return
+        line = json.dumps(record, ensure_ascii=False, sort_keys=True)
+        with self._lock:
+            self._stream.write(line + "\n")
+            self._stream.flush()
+
+
+@contextmanager
+def _metadata(target: str | None, *outputs: str) -> Iterator[MetadataWriter]:
+    """The metadata writer for ``--metadata-output`` (a no-op without it)."""
+    if target is None:
+        yield MetadataWriter(None)
+        return
+    if target == STDIO:
+        if STDIO in outputs:
+            raise UsageError("--metadata-output - and output - would mix on stdout", hint="write one of them to a file")
+        yield MetadataWriter(sys.stdout)
+        return
+    try:
+        stream = open(target, "w", encoding="utf-8")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise OutputError(f"cannot write the metadata file {target}: {exc.strerror or exc}") from None
+    with stream:
+        yield MetadataWriter(stream)
 
 
 def _migrate(args: argparse.Namespace) -> int:
