@@ -24,6 +24,7 @@ Contracts shared by every function here:
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import io
 import os
@@ -61,6 +62,7 @@ __all__ = [
     "encrypt_stream",
     "inspect_file",
     "migrate_file",
+    "rewrap_file",
 ]
 
 StrPath = str | os.PathLike[str]
@@ -73,6 +75,9 @@ _MODIFIED_HINT = "the file was modified, or was not written for these keys"
 _DISCOVERY_HINT = "name one of the file's keys with --key-id (`kmsenv inspect FILE` lists them), or pass --discovery"
 _NOT_KMSENV = "not a kmsenv encrypted file"
 _NOT_KMSENV_HINT = "kmsenv decrypts files written by `kmsenv encrypt` and the reference sample's 4-line files"
+#: errnos with which copy_file_range says "not between these files" (sendfile can still do it).
+_NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOTSUP}
+_COPY_STEP = 1 << 30
 #: errnos that mean "the output cannot take the data", whichever call noticed.
 _OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
@@ -697,6 +702,167 @@ def migrate_file(
             chunk_size=chunk_size,
             threads=threads,
         )
+
+
+# ----------------------------------------------------------------------------- rewrap --
+
+
+@dataclass(frozen=True, slots=True)
+class RewrapResult:
+    """What :func:`rewrap_file` changed: key ARNs before and after, and which were added,
+    refreshed (re-wrapped under the key's current version) or removed."""
+
+    before: tuple[str, ...]
+    after: tuple[str, ...]
+    added: tuple[str, ...]
+    refreshed: tuple[str, ...]
+    removed: tuple[str, ...]
+    header_size: int
+    file_size: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "wrapped_keys_before": list(self.before),
+            "wrapped_keys": list(self.after),
+            "added": list(self.added),
+            "refreshed": list(self.refreshed),
+            "removed": list(self.removed),
+            "header_size": self.header_size,
+            "file_size": self.file_size,
+        }
+
+
+def rewrap_file(
+    path: StrPath,
+    *,
+    kms: Kms,
+    key_ids: Sequence[str] = (),
+    remove_key_ids: Sequence[str] = (),
+    context: Mapping[str, str] | None = None,
+) -> RewrapResult:
+    """Add, refresh or remove wrapped keys of the v1 file ``path`` in place; the payload is kept.
+
+    First the file is verified as far as its header goes: one data key is unwrapped (as
+    :func:`decrypt_file` would: every wrapped key of this KMS in order) and the commitment and
+    header tag are checked, so a tampered header is an IntegrityError and the file is left
+    untouched. ``context``: pairs that must be in the file's context (ContextError otherwise).
+
+    * ``key_ids``: for each (id, ARN or alias), ``ReEncrypt`` of the wrapped key that opened into
+      that CMK (the data key does not travel in plaintext for it); a key already in the file is
+      replaced in place by the new wrapping (refresh after rotation: its current primary
+      version), a new key is appended.
+    * ``remove_key_ids`` (key ids or ARNs): their wrapped keys are dropped; UsageError if one is
+      not in the file, or if no wrapped key would remain.
+
+    The new header gets a new tag (docs/format.md §6); salt, commitment and payload are the same
+    bytes. The file is rewritten beside itself (kernel-side copy of the payload with
+    ``copy_file_range``/``sendfile``) and renamed over the original atomically, keeping its mode
+    (and owner where permitted). A symbolic link is followed: the file it points to is rewritten.
+    """
+    required = _context(context)
+    adds = tuple(key_ids)
+    if len(set(adds)) != len(adds):
+        raise UsageError("the same key id is given twice")
+    removals = {key_ref(k): k for k in remove_key_ids}
+    if not adds and not removals:
+        raise UsageError("nothing to do", hint="name a key to add or refresh (--key-id) or to remove (--remove-key-id)")
+    if removals.keys() & {key_ref_of_arn(k) for k in adds}:
+        raise UsageError("the same key is both added and removed")
+    target = os.path.realpath(path)
+    with open_input(target) as (fin, before):
+        if not stat.S_ISREG(before.st_mode):
+            raise InputError(f"{os.fspath(path)} is not a regular file", hint="rewrap rewrites files in place")
+        header = _read_v1_header(fin)
+        refs = [key_ref_of_arn(s.key_arn) for s in header.stanzas]
+        missing = [name for ref, name in removals.items() if ref not in refs]
+        if missing:
+            raise UsageError(f"the file has no wrapped key under {', '.join(missing)}")
+        if not adds and all(ref in removals for ref in refs):
+            raise UsageError("refusing to remove the last wrapped key: nobody could decrypt the file")
+        _require_context(header.context, required)
+        opened = _unwrap(kms, header)
+        source = base64.b64encode(header.stanzas[opened.index].ciphertext_blob).decode("ascii")
+        stanzas = [s for s, ref in zip(header.stanzas, refs, strict=True) if ref not in removals]
+        added: list[str] = []
+        refreshed: list[str] = []
+        for key_id in adds:
+            wrapped = kms.re_encrypt_data_key(
+                source,
+                destination_key_id=key_id,
+                source_encryption_context=header.context,
+                destination_encryption_context=header.context,
+            )
+            new = _stanza(kms, wrapped)
+            same = [
+                i
+                for i, s in enumerate(stanzas)
+                if s.provider == new.provider and key_ref_of_arn(s.key_arn) == wrapped.key_id
+            ]
+            if same:
+                stanzas[same[0]] = new
+                refreshed.append(new.key_arn)
+            else:
+                stanzas.append(new)
+                added.append(new.key_arn)
+        try:
+            rewrapped = fmt.rewrap_header(header, opened.file_key, stanzas)
+        except FormatError as exc:  # over 64 wrapped keys or 64 KiB of header
+            raise UsageError(exc.message) from None
+        payload = before.st_size - header.size
+        with _os_errors(), AtomicOutput(target, force=True, mode=stat.S_IMODE(before.st_mode)) as out:
+            out.write(rewrapped.encode())
+            out.flush()
+            _copy_range(fin.fileno(), out.fileno(), header.size, payload)
+            with contextlib.suppress(OSError):  # only root may give a file away; others keep their own
+                os.fchown(out.fileno(), before.st_uid, before.st_gid)
+            _check_unchanged(fin, before)
+    return RewrapResult(
+        before=tuple(s.key_arn for s in header.stanzas),
+        after=tuple(s.key_arn for s in rewrapped.stanzas),
+        added=tuple(added),
+        refreshed=tuple(refreshed),
+        removed=tuple(s.key_arn for s, ref in zip(header.stanzas, refs, strict=True) if ref in removals),
+        header_size=rewrapped.size,
+        file_size=rewrapped.size + payload,
+    )
+
+
+def _read_v1_header(src: BinaryIO) -> fmt.Header:
+    head, reader = _sniff(src)
+    if fmt.looks_like_v1(head) or head.startswith(MAGIC_PREFIX):
+        return fmt.read_header(reader)
+    if legacy.looks_like_legacy(head):
+        raise FormatError(
+            "a legacy file has no wrapped keys to rewrap", hint="`kmsenv migrate` converts it to v1 first"
+        )
+    raise FormatError(_NOT_KMSENV, hint=_NOT_KMSENV_HINT)
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
+    """Copy ``count`` bytes from ``src_fd`` at ``offset`` to ``dst_fd``'s position, in the kernel.
+
+    ``copy_file_range`` (which may share extents on filesystems that can: no data moves at all),
+    else ``sendfile``; no byte passes through Python.
+    """
+    copied = 0
+    use_sendfile = False
+    while copied < count:
+        want = min(count - copied, _COPY_STEP)
+        if not use_sendfile:
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, want, offset + copied)
+            except OSError as exc:
+                if exc.errno not in _NO_COPY_RANGE:
+                    raise
+                use_sendfile = True
+                continue
+        else:
+            n = os.sendfile(dst_fd, src_fd, offset + copied, want)
+        if n == 0:
+            raise InputError(
+                "the input changed while it was being read", hint="run the command again when it is stable"
+            )
+        copied += n
 
 
 # ---------------------------------------------------------------------------- inspect --

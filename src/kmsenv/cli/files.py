@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
 from kmsenv.cli._kms_options import add_kms_options, open_kms
@@ -111,8 +112,8 @@ def _add_key_selection(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_reporting(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-v", "--verbose", action="store_true", help="say on stderr which wrapped key worked")
+def _add_reporting(parser: argparse.ArgumentParser, verbose: str = "say on stderr which wrapped key worked") -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose)
     parser.add_argument(
         "--metadata-output",
         metavar="FILE",
@@ -163,6 +164,29 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     _add_reporting(p)
     add_kms_options(p)
     p.set_defaults(func=_decrypt)
+
+    p = sub.add_parser(
+        "rewrap",
+        help="add, refresh or remove a file's wrapped keys without re-encrypting its payload",
+        description="Verify each FILE's header (one data key unwrapped, commitment and tag checked), then "
+        "replace its wrapped keys: --key-id adds a CMK (ReEncrypt from a wrapped key that opened) or, for a CMK "
+        "already in the file, re-wraps it under its current primary version; --remove-key-id drops one. Only "
+        "the header changes; the file is rewritten beside itself (kernel-side copy of the payload) and renamed "
+        "over the original atomically, keeping its mode. A failure on one FILE is reported and the others go on.",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE", help="kmsenv v1 file(s), rewritten in place")
+    p.add_argument("--key-id", action="append", default=[], metavar="KEY", help="CMK to add or refresh (repeatable)")
+    p.add_argument(
+        "--remove-key-id",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="CMK (key id or key ARN) whose wrapped key to remove (repeatable); the last one cannot be removed",
+    )
+    _add_context(p, "pair that must be in the file's encryption context, else that file fails with exit 8")
+    _add_reporting(p, verbose="print on stderr what changed in each file")
+    add_kms_options(p)
+    p.set_defaults(func=_rewrap)
 
     p = sub.add_parser(
         "inspect",
@@ -366,6 +390,111 @@ def _metadata(target: str | None, *outputs: str) -> Iterator[MetadataWriter]:
         yield MetadataWriter(stream)
 
 
+def _rewrap(args: argparse.Namespace) -> int:
+    from kmsenv import envelope
+
+    context = parse_context(args.context)
+    with _metadata(args.metadata_output) as meta, kms_from_args(args) as kms:
+
+        def task(name: str) -> Task:
+            def run() -> dict[str, Any]:
+                result = envelope.rewrap_file(
+                    name, kms=kms, key_ids=args.key_id, remove_key_ids=args.remove_key_id, context=context
+                )
+                if args.verbose:
+                    changes = [
+                        f"{what} {_show(arn)}"
+                        for what, arns in (
+                            ("added", result.added),
+                            ("refreshed", result.refreshed),
+                            ("removed", result.removed),
+                        )
+                        for arn in arns
+                    ]
+                    note(f"{_show(name)}: {', '.join(changes)}")
+                return result.as_dict()
+
+            return Task(name, name, run)
+
+        return run_tasks([task(name) for name in args.files], meta=meta, operation="rewrap", verb="rewrapped")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One file of a multi-file command: its names, and the work (returns metadata fields).
+
+    ``skipped``: a reason not to run it at all (a symbolic link, a special file).
+    """
+
+    input: str
+    output: str | None
+    run: Callable[[], dict[str, Any]]
+    skipped: str | None = None
+
+    @classmethod
+    def skip(cls, input_name: str, reason: str) -> Task:
+        return cls(input_name, None, dict, skipped=reason)
+
+
+def run_tasks(tasks: Iterable[Task], *, meta: MetadataWriter, operation: str, verb: str, jobs: int = 1) -> int:
+    """Run every task (``jobs`` at a time), report each failure and go on; return the exit code.
+
+    Each failure is one ``kmsenv: error: INPUT: ...`` line (and its hint); each skipped file one
+    ``kmsenv: note:`` line; each file one ``--metadata-output`` line. Exit code: 0 if nothing
+    failed (skipped files are not failures); the failing class's code if every failure has the
+    same one; else 1. With more than one file, a summary line closes the run.
+    """
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    counts = {"ok": 0, "failed": 0, "skipped": 0}
+    codes: set[int] = set()
+
+    def finish(t: Task, outcome: Future[dict[str, Any]] | None) -> None:
+        record: dict[str, Any] = {"operation": operation, "input": t.input, "output": t.output}
+        if outcome is None:
+            note(f"skipped {_show(t.input)}: {t.skipped}")
+            record.update(outcome="skipped", reason=t.skipped)
+        else:
+            exc = outcome.exception()
+            if exc is None:
+                record.update(outcome="ok", **outcome.result())
+            elif isinstance(exc, KmsenvError):
+                _report_failure(t.input, exc)
+                codes.add(exc.exit_code)
+                record.update(failure_fields(exc))
+            else:
+                raise exc
+        counts[record["outcome"]] += 1
+        meta.write(record)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        pending: list[tuple[Task, Future[dict[str, Any]]]] = []
+        for t in tasks:
+            if t.skipped is not None:
+                finish(t, None)
+                continue
+            pending.append((t, pool.submit(t.run)))
+            while len(pending) > 4 * max(1, jobs):  # bounded: a huge tree is not held in memory
+                finish(*pending.pop(0))
+        for t, f in pending:
+            finish(t, f)
+    if sum(counts.values()) > 1:
+        print(
+            f"kmsenv: {counts['ok']} file(s) {verb}, {counts['failed']} failed, {counts['skipped']} skipped",
+            file=sys.stderr,
+        )
+    if not codes:
+        return 0
+    return codes.pop() if len(codes) == 1 else 1
+
+
+def _report_failure(name: str, exc: KmsenvError) -> None:
+    message = str(exc) if hasattr(exc, "code") else exc.message
+    print(f"kmsenv: error: {_show(name)}: {message}", file=sys.stderr)
+    if exc.hint:
+        print(f"kmsenv: hint: {exc.hint}", file=sys.stderr)
+
+
 def _migrate(args: argparse.Namespace) -> int:
     from kmsenv import envelope
 
@@ -413,9 +542,7 @@ def format_facts(name: str, facts: Mapping[str, Any]) -> str:
     for i, key in enumerate(facts["wrapped_keys"], 1):
         arn = _show(key["key_arn"]) if key["key_arn"] else "(named only inside the blob)"
         version_id = f", version {_show(key['key_version_id'])}" if key["key_version_id"] else ""
-        lines.append(
-            f"wrapped key {i}:  {_show(key['provider'])} {arn}{version_id}, blob {key['blob_size']} bytes"
-        )
+        lines.append(f"wrapped key {i}:  {_show(key['provider'])} {arn}{version_id}, blob {key['blob_size']} bytes")
     lines.append("note:           nothing above is authenticated; only decrypt verifies the file")
     return "\n".join(lines)
 

@@ -1,0 +1,204 @@
+"""``rewrap``: wrapped keys are added (ReEncrypt), refreshed after rotation or removed; the header
+is verified first, only the header changes, the payload is copied in the kernel, and a file that
+does not verify is left exactly as it was."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from files_helpers import CHUNK, CONTEXT, SALES, digest, flip, sample_encrypt
+from kmsenv import envelope
+from kmsenv.clients import EmbeddedKms
+from kmsenv.errors import ContextError, FormatError, IntegrityError, UsageError
+from test_scale_support import CountingKms, cli, json_lines, new_key, read_header
+
+
+@pytest.fixture
+def cipher(tmp_path: Path, kms: EmbeddedKms, key: str) -> Path:
+    plain = tmp_path / "sales.csv"
+    plain.write_bytes(SALES * 40)
+    out = tmp_path / "sales.csv.cipher"
+    envelope.encrypt_file(plain, out, kms=kms, key_id=key, context=CONTEXT, chunk_size=CHUNK)
+    return out
+
+
+def payload(path: Path) -> bytes:
+    return path.read_bytes()[read_header(path).size :]
+
+
+def untouched(path: Path) -> tuple[str, int]:
+    return digest(path), path.stat().st_ino
+
+
+def test_add_key_by_reencrypt(cipher: Path, tmp_path: Path, kms: EmbeddedKms, key: str) -> None:
+    new = new_key(kms)
+    before = read_header(cipher)
+    body = payload(cipher)
+    counting = CountingKms(kms)
+    result = envelope.rewrap_file(cipher, kms=counting, key_ids=[new])
+    # One Decrypt to verify the header, one ReEncrypt: the data key is never sent to Encrypt.
+    assert [name for name, _ in counting.calls] == ["Decrypt", "ReEncrypt"]
+    after = read_header(cipher)
+    assert [s.key_arn for s in after.stanzas] == [kms.service.key_arn(key), kms.service.key_arn(new)]
+    assert (after.salt, after.commitment, dict(after.context)) == (before.salt, before.commitment, CONTEXT)
+    assert payload(cipher) == body
+    assert result.added == (kms.service.key_arn(new),)
+    assert result.file_size == cipher.stat().st_size
+    kms.service.disable_key(key_id=key)
+    assert envelope.decrypt_file(cipher, tmp_path / "p", kms=kms, key_ids=[new]) == len(SALES * 40)
+
+
+def test_remove_key(cipher: Path, tmp_path: Path, kms: EmbeddedKms, key: str) -> None:
+    new = new_key(kms)
+    envelope.rewrap_file(cipher, kms=kms, key_ids=[new], remove_key_ids=[key])
+    (stanza,) = read_header(cipher).stanzas
+    assert stanza.key_arn == kms.service.key_arn(new)
+    envelope.decrypt_file(cipher, tmp_path / "p", kms=kms)
+    assert (tmp_path / "p").read_bytes() == SALES * 40
+
+
+def test_refresh_after_rotation(cipher: Path, kms: EmbeddedKms, key: str) -> None:
+    old_version = read_header(cipher).stanzas[0].key_version_id
+    kms.service.create_key_version(key_id=key)
+    result = envelope.rewrap_file(cipher, kms=kms, key_ids=["alias/Apollo/WorkKey"])
+    (stanza,) = read_header(cipher).stanzas
+    assert result.refreshed == (kms.service.key_arn(key),)
+    assert result.added == ()
+    assert stanza.key_version_id != old_version
+    primary = kms.service.describe_key(key_id=key)["KeyMetadata"]["PrimaryKeyVersion"]
+    assert stanza.key_version_id == primary
+
+
+def test_mode_and_owner_kept_inode_replaced(cipher: Path, kms: EmbeddedKms) -> None:
+    cipher.chmod(0o640)
+    inode = cipher.stat().st_ino
+    envelope.rewrap_file(cipher, kms=kms, key_ids=[new_key(kms)])
+    st = cipher.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o640
+    assert st.st_ino != inode  # a new file renamed over the old one
+    assert not any(p.name.endswith(".kmsenv-tmp") for p in cipher.parent.iterdir())
+
+
+def test_symlink_rewraps_its_target(cipher: Path, tmp_path: Path, kms: EmbeddedKms) -> None:
+    link = tmp_path / "link.cipher"
+    link.symlink_to(cipher)
+    envelope.rewrap_file(link, kms=kms, key_ids=[new_key(kms)])
+    assert link.is_symlink()
+    assert len(read_header(cipher).stanzas) == 2
+
+
+@pytest.mark.parametrize("where", ["salt", "context", "stanza", "tag"])
+def test_tampered_header_leaves_file_untouched(cipher: Path, kms: EmbeddedKms, where: str) -> None:
+    header = read_header(cipher)
+    data = cipher.read_bytes()
+    offsets = {
+        "salt": 20,
+        "context": data.index(b"apollo"),
+        "stanza": data.index(header.stanzas[0].ciphertext_blob) + 40,
+        "tag": header.size - 1,
+    }
+    flip(cipher, offsets[where])
+    before = untouched(cipher)
+    counting = CountingKms(kms)
+    with pytest.raises(IntegrityError):
+        envelope.rewrap_file(cipher, kms=counting, key_ids=[new_key(kms)])
+    assert counting.count("ReEncrypt") == 0
+    assert untouched(cipher) == before
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"remove": "self"}, (UsageError, "last wrapped key")),
+        ({"remove": "other"}, (UsageError, "no wrapped key under")),
+        ({}, (UsageError, "nothing to do")),
+        ({"add": "self", "remove": "self"}, (UsageError, "both added and removed")),
+        ({"add": "other", "context": {"project": "x"}}, (ContextError, "another value")),
+    ],
+)
+def test_refusals_leave_file_untouched(
+    cipher: Path, kms: EmbeddedKms, key: str, kwargs: dict[str, object], expected: tuple[type[Exception], str]
+) -> None:
+    error, match = expected
+    other = new_key(kms)
+    pick = {"self": key, "other": other}
+    before = untouched(cipher)
+    with pytest.raises(error, match=match):
+        envelope.rewrap_file(
+            cipher,
+            kms=kms,
+            key_ids=[pick[str(kwargs["add"])]] if "add" in kwargs else [],
+            remove_key_ids=[pick[str(kwargs["remove"])]] if "remove" in kwargs else [],
+            context=kwargs.get("context"),  # type: ignore[arg-type]
+        )
+    assert untouched(cipher) == before
+
+
+def test_legacy_file_is_refused(tmp_path: Path, kms: EmbeddedKms, key: str) -> None:
+    legacy = sample_encrypt(kms, tmp_path)
+    with pytest.raises(FormatError, match="legacy"):
+        envelope.rewrap_file(legacy, kms=kms, key_ids=[new_key(kms)])
+
+
+def test_payload_is_copied_in_the_kernel(cipher: Path, kms: EmbeddedKms, monkeypatch: pytest.MonkeyPatch) -> None:
+    body = payload(cipher)
+    calls: list[int] = []
+    real = os.copy_file_range
+
+    def spy(src: int, dst: int, count: int, offset_src: int | None = None, offset_dst: int | None = None) -> int:
+        calls.append(count)
+        return real(src, dst, count, offset_src, offset_dst)
+
+    monkeypatch.setattr(os, "copy_file_range", spy)
+    envelope.rewrap_file(cipher, kms=kms, key_ids=[new_key(kms)])
+    assert calls and calls[0] == len(body)
+    assert payload(cipher) == body
+
+
+def test_sendfile_when_copy_file_range_cannot(cipher: Path, kms: EmbeddedKms, monkeypatch: pytest.MonkeyPatch) -> None:
+    body = payload(cipher)
+
+    def cross_device(*_: object) -> int:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", cross_device)
+    envelope.rewrap_file(cipher, kms=kms, key_ids=[new_key(kms)])
+    assert payload(cipher) == body
+
+
+# -------------------------------------------------------------------------------- CLI --
+
+
+def test_cli_rewrap_many_files_one_bad(
+    cipher: Path, tmp_path: Path, kms: EmbeddedKms, key: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    second = tmp_path / "second.cipher"
+    second.write_bytes(cipher.read_bytes())
+    bad = tmp_path / "bad.cipher"
+    bad.write_bytes(cipher.read_bytes())
+    flip(bad, 20)
+    bad_before = untouched(bad)
+    new = new_key(kms)
+    meta = tmp_path / "meta.jsonl"
+    rc, _, err = cli(
+        capsys, "rewrap", "-v", "--key-id", new, "--metadata-output", str(meta), str(cipher), str(bad), str(second)
+    )
+    assert rc == 7
+    assert f"kmsenv: error: {bad}: header failed authentication" in err
+    assert f"{cipher}: added {kms.service.key_arn(new)}" in err
+    assert "2 file(s) rewrapped, 1 failed, 0 skipped" in err
+    assert untouched(bad) == bad_before
+    for good in (cipher, second):
+        assert len(read_header(good).stanzas) == 2
+    lines = {line["input"]: line for line in json_lines(meta.read_text())}
+    assert lines[str(bad)]["outcome"] == "failed"
+    assert lines[str(bad)]["error"]["class"] == "IntegrityError"
+    assert lines[str(second)]["added"] == [kms.service.key_arn(new)]
+    rc, _, err = cli(capsys, "rewrap", "--remove-key-id", key, "--remove-key-id", new, str(cipher))
+    assert rc == 2
+    assert "last wrapped key" in err
