@@ -1,7 +1,8 @@
 """``kmsenv server``: serve the KMS in KMSENV_HOME over the Alibaba Cloud KMS (2016-01-20) HTTP API.
 
-Presentation only: options → :class:`kmsenv.server.config.ServerConfig` → uvicorn. uvicorn and
-the server package are imported when the command runs, never at ``kmsenv --help`` time.
+Presentation only: options (and ``--config FILE``) → :class:`kmsenv.server.config.ServerConfig` →
+uvicorn. uvicorn and the server package are imported when the command runs, never at
+``kmsenv --help`` time.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         description="Serve the KMS in KMSENV_HOME over the Alibaba Cloud KMS (2016-01-20) HTTP API, so the "
         "official SDKs work unchanged with only their endpoint set to this server. Requests are signed "
         "with AccessKeys from `kmsenv access-key create`. Each option can also be set by the "
-        "environment variable shown; see docs/server.md.",
+        "environment variable shown, or in a TOML file given with --config; precedence: command line, "
+        "then environment, then file, then defaults. See docs/server.md.",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML file of settings (host, port, workers, tls_cert, tls_key, max_body, audit_log, log_level)",
     )
     parser.add_argument("--host", help="address to listen on (KMSENV_SERVER_HOST; default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="TCP port (KMSENV_SERVER_PORT; default 8080)")
@@ -57,9 +65,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     from kmsenv.kms.service import default_home, open_service
     from kmsenv.server.app import _configure_logging
-    from kmsenv.server.config import ServerConfig
+    from kmsenv.server.config import ServerConfig, read_config_file
 
     config = ServerConfig.from_env(
+        read_config_file(args.config) if args.config else None,
         host=args.host,
         port=args.port,
         workers=args.workers,

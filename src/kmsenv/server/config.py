@@ -1,24 +1,33 @@
-"""Server settings: one dataclass, read from ``KMSENV_SERVER_*`` environment variables.
+"""Server settings: one dataclass, from defaults, a TOML file, the environment and the command line.
 
-The environment is the one source because uvicorn's ``--workers`` starts fresh interpreter
-processes that only inherit the environment: ``kmsenv server`` writes its command-line options
-into the environment (:meth:`ServerConfig.to_env`) and every worker's app factory reads them back
-(:meth:`ServerConfig.from_env`), so all workers run with identical settings.
+Precedence, lowest first: the defaults below, a config file (``kmsenv server --config FILE``,
+:func:`read_config_file`), the ``KMSENV_SERVER_*`` environment variables, command-line options.
+
+The environment is how the settings reach the workers, because uvicorn's ``--workers`` starts
+fresh interpreter processes that only inherit the environment: ``kmsenv server`` resolves every
+source once, writes the result into the environment (:meth:`ServerConfig.to_env`) and every
+worker's app factory reads it back (:meth:`ServerConfig.from_env`), so all workers run with
+identical settings and the file is read once.
 """
 
 from __future__ import annotations
 
 import os
+import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from kmsenv.errors import ConfigError
 
-__all__ = ["DEFAULT_MAX_BODY", "ServerConfig"]
+__all__ = ["DEFAULT_MAX_BODY", "LOG_LEVELS", "ServerConfig", "read_config_file"]
 
 #: Largest request body accepted. KMS bodies carry at most a Recipient or SecretData form field;
 #: a limit stops a client from making a worker buffer gigabytes.
 DEFAULT_MAX_BODY = 64 * 1024
+LOG_LEVELS = ("debug", "info", "warning", "error")
+#: Settings that name files: relative paths in a config file are taken from the file's folder.
+_PATHS = ("tls_cert", "tls_key", "audit_log")
 
 _ENV = {
     "host": "KMSENV_SERVER_HOST",
@@ -44,9 +53,10 @@ class ServerConfig:
     log_level: str = "info"
 
     @classmethod
-    def from_env(cls, **overrides: object) -> ServerConfig:
-        """Defaults, then the environment, then ``overrides`` that are not None."""
-        values: dict[str, object] = {}
+    def from_env(cls, file: Mapping[str, object] | None = None, **overrides: object) -> ServerConfig:
+        """Defaults, then ``file`` (from :func:`read_config_file`), then the environment, then
+        ``overrides`` that are not None (the command line)."""
+        values: dict[str, object] = dict(file or {})
         for f in fields(cls):
             raw = os.environ.get(_ENV[f.name])
             override = overrides.get(f.name)
@@ -67,6 +77,8 @@ class ServerConfig:
             raise ConfigError("the body limit must be at least 1024 bytes")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("TLS needs both a certificate and a key", hint="give --tls-cert and --tls-key")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log level {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
 
     def to_env(self) -> None:
         """Publish these settings to worker processes (see the module docstring)."""
@@ -75,6 +87,46 @@ class ServerConfig:
 
     def audit_path(self, home: Path) -> Path:
         return Path(self.audit_log) if self.audit_log else home / "audit.jsonl"
+
+
+def read_config_file(path: Path) -> dict[str, object]:
+    """The settings in a TOML config file, checked for unknown keys and types (not yet for ranges).
+
+    The file holds top-level keys named like the fields of :class:`ServerConfig` (``port = 8443``,
+    ``tls_cert = "cert.pem"``); relative paths are taken from the file's folder, so the file
+    means the same whatever the working directory. Anything else is refused, not ignored: a
+    misspelt ``tls_crt`` must not silently serve plain HTTP.
+    """
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc.__class__.__name__}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    known = {f.name: f.type for f in fields(ServerConfig)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"config file {path}: unknown setting(s) {', '.join(unknown)}",
+            hint=f"known settings: {', '.join(known)}",
+        )
+    values: dict[str, object] = {}
+    for name, value in data.items():
+        if known[name] == "int":
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"config file {path}: {name} must be an integer, not {_toml_type(value)}")
+        elif not isinstance(value, str):
+            raise ConfigError(f"config file {path}: {name} must be a string, not {_toml_type(value)}")
+        values[name] = value
+        if name in _PATHS and value:
+            values[name] = str(path.absolute().parent / Path(str(value)).expanduser())
+    return values
+
+
+def _toml_type(value: object) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "an array", dict: "a table"}
+    return names.get(type(value), "a date or time")
 
 
 def _int(raw: str, name: str) -> int:
