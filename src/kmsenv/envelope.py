@@ -36,6 +36,7 @@ from typing import Any, BinaryIO
 
 from kmsenv import format as fmt
 from kmsenv._atomic import PRIVATE_MODE, AtomicOutput, same_file
+from kmsenv._cache import DataKeyCache, Lease
 from kmsenv.clients import Kms, UnwrappedKey, WrappedKey
 from kmsenv.errors import (
     ConfigError,
@@ -52,6 +53,7 @@ from kmsenv.format import legacy
 from kmsenv.format.header import MAGIC_PREFIX, chunk_log2, encode_context
 
 __all__ = [
+    "DataKeyCache",
     "DecryptResult",
     "StanzaOutcome",
     "decrypt_file",
@@ -288,16 +290,33 @@ def _generate(
 
 
 def _new_file_key(
-    kms: Kms, key_ids: tuple[str, ...], context: Mapping[str, str], chunk_size: int
-) -> tuple[fmt.Header, fmt.FileKey]:
-    """A fresh data key and the header around its stanzas (one per CMK)."""
-    plaintext, stanzas = _generate(kms, key_ids, context)
+    kms: Kms,
+    key_ids: tuple[str, ...],
+    context: Mapping[str, str],
+    *,
+    chunk_size: int,
+    cache: DataKeyCache | None,
+    size_hint: int,
+) -> tuple[fmt.Header, fmt.FileKey, Lease | None]:
+    """A data key (fresh, or from ``cache`` within its limits) and the header around its stanzas.
+
+    Each file gets its own random salt, hence its own payload key, even when the data key is
+    shared (docs/format.md §6): that is what makes caching data keys safe.
+    """
+    lease: Lease | None = None
+    if cache is None:
+        plaintext, stanzas = _generate(kms, key_ids, context)
+    else:
+        cache_key = (id(kms), kms.provider_id, key_ids, tuple(sorted(context.items())))
+        lease = cache.acquire(cache_key, lambda: _generate(kms, key_ids, context), owner=kms, size_hint=size_hint)
+        plaintext, stanzas = lease.data_key, lease.stanzas
     try:
-        return fmt.new_header(plaintext, stanzas=stanzas, context=context, chunk_size=chunk_size)
+        header, file_key = fmt.new_header(plaintext, stanzas=stanzas, context=context, chunk_size=chunk_size)
+        return header, file_key, lease
     finally:
         # The plaintext data key is immutable bytes (that is what the Kms protocol returns), so it
         # cannot be zeroed; dropping our reference as soon as the FileKey exists is what Python
-        # allows. From here on only derived keys exist.
+        # allows. From here on only derived keys exist (and the cache's copy, within its limits).
         del plaintext
 
 
@@ -467,6 +486,7 @@ def encrypt_stream(
     context: Mapping[str, str] | None = None,
     chunk_size: int = fmt.DEFAULT_CHUNK_SIZE,
     threads: int = 2,
+    cache: DataKeyCache | None = None,
 ) -> int:
     """Encrypt ``src`` (read to EOF) into ``dst`` as a v1 file: header, then chunks.
 
@@ -475,15 +495,37 @@ def encrypt_stream(
     one with ``Encrypt``; every wrapped copy goes in the header, and any one of them decrypts.
     ``context`` is bound to the file (KMS blobs, key derivation, header tag) and stored in the
     header in the clear, so it must not hold secrets. ``chunk_size`` is a power of two from
-    4 KiB to 16 MiB (UsageError otherwise). Returns the number of plaintext bytes read.
-    ``dst`` receives bytes as they are produced; on failure it holds a partial file.
+    4 KiB to 16 MiB (UsageError otherwise). ``cache``: a :class:`DataKeyCache` to take the data
+    key from (within its limits) instead of asking the KMS for every file. Returns the number of
+    plaintext bytes read. ``dst`` receives bytes as they are produced; on failure it holds a
+    partial file.
     """
     ctx = _context(context)
     _check_chunk_size(chunk_size)
-    header, file_key = _new_file_key(kms, _key_ids(key_id), ctx, chunk_size)
+    return _encrypt(
+        src, dst, kms=kms, key_ids=_key_ids(key_id), ctx=ctx, chunk_size=chunk_size, threads=threads, cache=cache
+    )
+
+
+def _encrypt(
+    src: BinaryIO,
+    dst: BinaryIO,
+    *,
+    kms: Kms,
+    key_ids: tuple[str, ...],
+    ctx: Mapping[str, str],
+    chunk_size: int,
+    threads: int,
+    cache: DataKeyCache | None,
+    size_hint: int = 0,
+) -> int:
+    header, file_key, lease = _new_file_key(kms, key_ids, ctx, chunk_size=chunk_size, cache=cache, size_hint=size_hint)
     with _os_errors():
         dst.write(header.encode())
-        return fmt.encrypt_stream(src, dst, file_key, chunk_size=chunk_size, threads=threads)
+        n = fmt.encrypt_stream(src, dst, file_key, chunk_size=chunk_size, threads=threads)
+    if lease is not None:
+        lease.settle(n)
+    return n
 
 
 @dataclass(frozen=True, slots=True)
@@ -609,17 +651,32 @@ def encrypt_file(
     chunk_size: int = fmt.DEFAULT_CHUNK_SIZE,
     force: bool = False,
     threads: int = 2,
+    cache: DataKeyCache | None = None,
 ) -> int:
     """Encrypt the file ``src`` into a new file ``dst`` (see :func:`encrypt_stream`).
 
     ``dst`` appears complete or not at all; an existing ``dst`` is replaced only with ``force``
-    (OutputError otherwise, and it is left unchanged). ``dst`` may not be ``src``. Returns the
-    number of plaintext bytes.
+    (OutputError otherwise, and it is left unchanged). ``dst`` may not be ``src``. With a
+    ``cache``, the file's size counts towards the data key's byte limit before it is used.
+    Returns the number of plaintext bytes.
     """
     ctx = _context(context)
     _check_chunk_size(chunk_size)
+    key_ids = _key_ids(key_id)
     with _file_to_file(src, dst, force=force, mode=None) as (fin, out):
-        return encrypt_stream(fin, out, kms=kms, key_id=key_id, context=ctx, chunk_size=chunk_size, threads=threads)
+        st = os.fstat(fin.fileno())
+        size_hint = st.st_size if stat.S_ISREG(st.st_mode) else 0
+        return _encrypt(
+            fin,
+            out,
+            kms=kms,
+            key_ids=key_ids,
+            ctx=ctx,
+            chunk_size=chunk_size,
+            threads=threads,
+            cache=cache,
+            size_hint=size_hint,
+        )
 
 
 def decrypt_file(

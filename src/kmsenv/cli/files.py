@@ -23,6 +23,7 @@ from kmsenv.clients import _ActionKms  # light: the KMS behind it is imported on
 from kmsenv.errors import KmsenvError, OutputError, UsageError
 
 if TYPE_CHECKING:
+    from kmsenv._cache import DataKeyCache
     from kmsenv.clients import AlibabaKms, EmbeddedKms, Kms
     from kmsenv.envelope import DecryptResult
 
@@ -31,7 +32,11 @@ __all__ = ["default_decrypt_output", "default_encrypt_output", "default_migrate_
 CIPHER_SUFFIX = ".cipher"
 DECRYPTED_SUFFIX = ".decrypted"
 STDIO = "-"
-_SIZE_UNITS = {"": 1, "k": 1024, "kib": 1024, "m": 1024 * 1024, "mib": 1024 * 1024}
+_SIZE_UNITS = {
+    "": 1,
+    **{unit: 1 << (10 * power) for power, letter in enumerate("kmgt", 1) for unit in (letter, letter + "ib")},
+}
+_AGE_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 # ------------------------------------------------------------------------------ names --
@@ -76,14 +81,28 @@ def parse_context(pairs: list[str] | None) -> dict[str, str]:
     return context
 
 
-def _chunk_size(text: str) -> int:
-    """argparse type for --chunk-size: bytes, or with a K/KiB/M/MiB suffix."""
+def _size(text: str) -> int:
+    """argparse type for sizes: bytes, or with a K/KiB/M/MiB/G/GiB/T/TiB suffix (powers of 1024)."""
     lowered = text.strip().lower()
-    digits = lowered.rstrip("kmib")
+    digits = lowered.rstrip("kmgtib")
     unit = lowered[len(digits) :]
     if not digits.isdigit() or unit not in _SIZE_UNITS:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 65536, 64K or 1M)")
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 65536, 64K, 1M or 64G)")
     return int(digits) * _SIZE_UNITS[unit]
+
+
+def _age(text: str) -> float:
+    """argparse type for --cache-max-age: seconds, or with an s/m/h suffix."""
+    lowered = text.strip().lower()
+    number = lowered.rstrip("smh")
+    unit = lowered[len(number) :]
+    try:
+        value = float(number)
+    except ValueError:
+        value = float("nan")
+    if value != value or unit not in _AGE_UNITS:  # noqa: PLR0124 - NaN check
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 300, 90s, 5m or 1h)")
+    return value * _AGE_UNITS[unit]
 
 
 def _add_context(parser: argparse.ArgumentParser, help_text: str) -> None:
@@ -110,6 +129,45 @@ def _add_key_selection(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --key-id: after the named keys, also try the file's other wrapped keys",
     )
+
+
+def _add_cache_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "data-key cache",
+        "Within one run over many files (-r), one data key serves several files up to these limits, "
+        "whichever comes first; each file still gets its own key by HKDF with a random salt. Each limit must be "
+        "positive; --no-cache gives every file its own data key.",
+    )
+    group.add_argument("--no-cache", action="store_true", help="one GenerateDataKey per file")
+    group.add_argument(
+        "--cache-max-age",
+        type=_age,
+        default=None,
+        metavar="T",
+        help="seconds (or 90s, 5m, 1h) a data key is used (default 5m)",
+    )
+    group.add_argument(
+        "--cache-max-files", type=int, default=None, metavar="N", help="files per data key (default 10000)"
+    )
+    group.add_argument(
+        "--cache-max-bytes", type=_size, default=None, metavar="SIZE", help="plaintext bytes per data key (default 64G)"
+    )
+
+
+def cache_from_args(args: argparse.Namespace) -> DataKeyCache | None:
+    """The data-key cache the options describe; UsageError for a limit that is not positive."""
+    from kmsenv._cache import DEFAULT_MAX_AGE, DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, DataKeyCache
+
+    def pick(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
+    # Built (so validated) even with --no-cache: a limit of 0 is a mistake worth reporting.
+    cache = DataKeyCache(
+        max_age=pick(args.cache_max_age, DEFAULT_MAX_AGE),
+        max_files=pick(args.cache_max_files, DEFAULT_MAX_FILES),
+        max_bytes=pick(args.cache_max_bytes, DEFAULT_MAX_BYTES),
+    )
+    return None if args.no_cache else cache
 
 
 def _add_reporting(parser: argparse.ArgumentParser, verbose: str = "say on stderr which wrapped key worked") -> None:
@@ -142,11 +200,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     _add_output(p, "INPUT.cipher; stdout for stdin")
     p.add_argument(
         "--chunk-size",
-        type=_chunk_size,
+        type=_size,
         default=None,
         metavar="N",
         help="plaintext bytes per chunk: a power of two from 4K to 16M (default 1M)",
     )
+    _add_cache_options(p)
     add_kms_options(p)
     p.set_defaults(func=_encrypt)
 
@@ -293,7 +352,12 @@ def _encrypt(args: argparse.Namespace) -> int:
     context = parse_context(args.context)
     output = args.output or default_encrypt_output(args.input)
     chunk_size = args.chunk_size or DEFAULT_CHUNK_SIZE
-    options: dict[str, Any] = {"key_id": args.key_id, "context": context, "chunk_size": chunk_size}
+    options: dict[str, Any] = {
+        "key_id": args.key_id,
+        "context": context,
+        "chunk_size": chunk_size,
+        "cache": cache_from_args(args),
+    }
     with kms_from_args(args) as kms:
         if STDIO not in (args.input, output):
             envelope.encrypt_file(args.input, output, kms=kms, force=args.force, **options)
