@@ -30,7 +30,7 @@ from kmsenv.errors import ConfigError, IntegrityError, KmsError
 from kmsenv.kms.blob import blob_aad, blob_prefix, decode_blob, encode_blob
 from kmsenv.kms.context import canonical_context, parse_context
 from kmsenv.kms.sealing import ROOT_KEY_ENV, RootKey, load_or_create_root_key
-from kmsenv.kms.store import AliasRecord, KeyRecord, SqliteStore, Tx, VersionRecord, dumps_tags
+from kmsenv.kms.store import AliasRecord, KeyRecord, SqliteStore, Store, Tx, VersionRecord, dumps_tags
 
 __all__ = ["STATE_RULES", "KmsService", "default_home", "open_service"]
 
@@ -38,6 +38,7 @@ Clock = Callable[[], datetime]
 Response = dict[str, Any]
 
 HOME_ENV = "KMSENV_HOME"
+STORE_ENV = "KMSENV_STORE"
 REGION_ENV = "KMSENV_REGION"
 DEFAULT_REGION = "cn-hangzhou"
 
@@ -183,7 +184,7 @@ class KmsService:
     """The key management service over one store and one root key."""
 
     def __init__(
-        self, store: SqliteStore, root_key: RootKey, *, region: str, account_id: str, clock: Clock = utc_now
+        self, store: Store, root_key: RootKey, *, region: str, account_id: str, clock: Clock = utc_now
     ) -> None:
         self.store = store
         self.region = region
@@ -902,9 +903,16 @@ def _parse_filters(filters: str | None) -> list[tuple[str, list[str]]]:
     return result
 
 
-def open_service(home: Path | None = None, *, clock: Clock = utc_now, announce: bool = True) -> KmsService:
-    """Open (creating on first use) the embedded KMS in ``home`` (default: ``KMSENV_HOME`` or ~/.kmsenv)."""
+def open_service(
+    home: Path | None = None, *, clock: Clock = utc_now, announce: bool = True, store: str | None = None
+) -> KmsService:
+    """Open (creating on first use) the KMS whose root key is in ``home`` (default: ``KMSENV_HOME``
+    or ~/.kmsenv). Its store is ``store`` or ``KMSENV_STORE`` when set (a ``postgresql://`` URL,
+    shared by several nodes; see docs/cluster.md), else the embedded ``kms.db`` in ``home``."""
     home = home or default_home()
+    target = store if store is not None else os.environ.get(STORE_ENV, "")
+    if target:
+        return _open_shared_service(home, target, clock=clock, announce=announce)
     db_path = home / "kms.db"
     new_home = not db_path.exists()
     if new_home:
@@ -917,24 +925,11 @@ def open_service(home: Path | None = None, *, clock: Clock = utc_now, announce: 
     # A root key is only ever created together with a new store: creating one beside an existing
     # store would silently make every key in it unreadable.
     root_key, created_root = load_or_create_root_key(home, create=new_home)
-    store = SqliteStore(db_path)
+    store_ = SqliteStore(db_path)
     try:
-        with store.transaction(write=True) as tx:
-            check = tx.meta_get("root_key_check")
-            initialized = check is None
-            if check is None:
-                tx.meta_set("root_key_check", root_key.make_check())
-                tx.meta_set("region", os.environ.get(REGION_ENV, DEFAULT_REGION).encode("utf-8"))
-                tx.meta_set("account_id", str(secrets.randbelow(9 * 10**15) + 10**15).encode("ascii"))
-            elif not root_key.verify_check(check):
-                raise ConfigError(
-                    f"the root key (fingerprint {root_key.fingerprint}) does not open the KMS store {db_path}",
-                    hint="set KMSENV_ROOT_KEY_FILE to the root key this store was created with",
-                )
-            region = (tx.meta_get("region") or b"").decode("utf-8")
-            account_id = (tx.meta_get("account_id") or b"").decode("ascii")
+        initialized, region, account_id = _bind_root_key(store_, root_key)
     except BaseException:
-        store.close()
+        store_.close()
         raise
     if created_root and announce:
         print(
@@ -947,6 +942,55 @@ def open_service(home: Path | None = None, *, clock: Clock = utc_now, announce: 
         print(
             f"kmsenv: created a new embedded KMS in {home} (root key {os.environ[ROOT_KEY_ENV]}); "
             "keep that root key: without it nothing in this KMS can be decrypted",
+            file=sys.stderr,
+        )
+    return KmsService(store_, root_key, region=region, account_id=account_id, clock=clock)
+
+
+def _bind_root_key(store: Store, root_key: RootKey) -> tuple[bool, str, str]:
+    """Seal a new store to ``root_key`` (and fix its region and account id), or check that an
+    existing one was sealed to it. Returns (newly initialised, region, account id)."""
+    with store.transaction(write=True) as tx:
+        check = tx.meta_get("root_key_check")
+        initialized = check is None
+        if check is None:
+            tx.meta_set("root_key_check", root_key.make_check())
+            tx.meta_set("region", os.environ.get(REGION_ENV, DEFAULT_REGION).encode("utf-8"))
+            tx.meta_set("account_id", str(secrets.randbelow(9 * 10**15) + 10**15).encode("ascii"))
+        elif not root_key.verify_check(check):
+            raise ConfigError(
+                f"the root key (fingerprint {root_key.fingerprint}) does not open the KMS store {store.path}",
+                hint="set KMSENV_ROOT_KEY_FILE to the root key this store was created with",
+            )
+        region = (tx.meta_get("region") or b"").decode("utf-8")
+        account_id = (tx.meta_get("account_id") or b"").decode("ascii")
+    return initialized, region, account_id
+
+
+def _open_shared_service(home: Path, target: str, *, clock: Clock, announce: bool) -> KmsService:
+    """A KMS over a PostgreSQL store. The root key is ``KMSENV_ROOT_KEY_FILE`` or ``home/root.key``;
+    one is created in ``home`` only for a database no node has used yet."""
+    from kmsenv.kms.pg_store import PostgresStore, require_postgres_url
+
+    store = PostgresStore(require_postgres_url(target))
+    try:
+        with store.transaction(write=False) as tx:
+            fresh = tx.meta_get("root_key_check") is None
+        if fresh and not os.environ.get(ROOT_KEY_ENV):
+            try:
+                home.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"cannot create the KMS home {home}: {exc.strerror}") from None
+        root_key, created_root = load_or_create_root_key(home, create=fresh)
+        initialized, region, account_id = _bind_root_key(store, root_key)
+    except BaseException:
+        store.close()
+        raise
+    if initialized and announce:
+        print(
+            f"kmsenv: created a new KMS in {store.path} (root key "
+            f"{os.environ.get(ROOT_KEY_ENV) or home / 'root.key'}{', new, mode 0600' if created_root else ''}); "
+            "every node needs this root key (KMSENV_ROOT_KEY_FILE): back it up",
             file=sys.stderr,
         )
     return KmsService(store, root_key, region=region, account_id=account_id, clock=clock)

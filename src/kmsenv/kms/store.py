@@ -19,11 +19,23 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from kmsenv.errors import ConfigError, KmsError
 
-__all__ = ["SCHEMA_VERSION", "AccessKeyRecord", "AliasRecord", "KeyRecord", "SqliteStore", "Tx", "VersionRecord"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "AccessKeyRecord",
+    "AliasRecord",
+    "KeyRecord",
+    "SqliteStore",
+    "Store",
+    "Tx",
+    "VersionRecord",
+]
+
+# The schema is written once, in SQLite's dialect; the PostgreSQL store (``pg_store``) translates
+# these same migrations, so both stores always have one schema and one version number.
 
 _MIGRATIONS: tuple[str, ...] = (
     # 1: keys, versions, aliases, tombstones of destroyed keys.
@@ -141,7 +153,19 @@ class AccessKeyRecord:
 _AK_COLUMNS = tuple(f.name for f in fields(AccessKeyRecord))
 
 
-def _key_from_row(row: sqlite3.Row) -> KeyRecord:
+class _Cursor(Protocol):
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+
+
+class Connection(Protocol):
+    """What :class:`Tx` needs of a connection: ``execute`` with ``?`` placeholders, whose rows
+    read by position and by column name (``sqlite3.Row``-like)."""
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> _Cursor: ...
+
+
+def _key_from_row(row: Any) -> KeyRecord:
     values: dict[str, Any] = {name: row[name] for name in _KEY_COLUMNS}
     values["deletion_protection"] = bool(values["deletion_protection"])
     values["rotation_enabled"] = bool(values["rotation_enabled"])
@@ -149,9 +173,17 @@ def _key_from_row(row: sqlite3.Row) -> KeyRecord:
 
 
 class Tx:
-    """One transaction's view of the store. Obtained from :meth:`SqliteStore.transaction`."""
+    """One transaction's view of the store. Obtained from :meth:`Store.transaction`.
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    The SQL is shared by both stores; what differs lives in the two class attributes a store's
+    subclass sets: the driver's unique-violation error, and the row lock taken when a write
+    transaction reads a key or AccessKey row (none in SQLite, whose writers are serialised).
+    """
+
+    _unique_violation: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)
+    _lock_rows = ""
+
+    def __init__(self, conn: Connection) -> None:
         self._c = conn
 
     # -- meta ------------------------------------------------------------------------------
@@ -170,7 +202,7 @@ class Tx:
 
     # -- keys ------------------------------------------------------------------------------
     def get_key(self, key_id: str) -> KeyRecord | None:
-        row = self._c.execute("SELECT * FROM keys WHERE key_id = ?", (key_id,)).fetchone()
+        row = self._c.execute(f"SELECT * FROM keys WHERE key_id = ?{self._lock_rows}", (key_id,)).fetchone()  # noqa: S608
         return None if row is None else _key_from_row(row)
 
     def insert_key(self, rec: KeyRecord) -> None:
@@ -191,11 +223,20 @@ class Tx:
         self._c.execute("DELETE FROM aliases WHERE key_id = ?", (key_id,))
         self._c.execute("DELETE FROM key_versions WHERE key_id = ?", (key_id,))
         self._c.execute("DELETE FROM keys WHERE key_id = ?", (key_id,))
-        self._c.execute("INSERT OR REPLACE INTO deleted_keys(key_id, deleted_at) VALUES (?, ?)", (key_id, when))
+        self._c.execute(
+            "INSERT INTO deleted_keys(key_id, deleted_at) VALUES (?, ?) "
+            "ON CONFLICT(key_id) DO UPDATE SET deleted_at = excluded.deleted_at",
+            (key_id, when),
+        )
 
     def deleted_at(self, key_id: str) -> str | None:
         row = self._c.execute("SELECT deleted_at FROM deleted_keys WHERE key_id = ?", (key_id,)).fetchone()
         return None if row is None else str(row[0])
+
+    def list_deleted_keys(self) -> list[tuple[str, str]]:
+        """(key id, deleted at) of every tombstone, for export."""
+        rows = self._c.execute("SELECT key_id, deleted_at FROM deleted_keys ORDER BY key_id").fetchall()
+        return [(str(r[0]), str(r[1])) for r in rows]
 
     def list_keys(
         self, filters: Sequence[tuple[str, Sequence[str]]], offset: int, limit: int
@@ -216,11 +257,12 @@ class Tx:
         return [_key_from_row(r) for r in rows], int(total)
 
     def due_key_ids(self, now: str) -> list[str]:
-        """Keys with a deletion or an automatic rotation due at ``now``."""
+        """Keys with a deletion or an automatic rotation due at ``now``, in key id order (so
+        writers locking them one by one always lock in the same order and cannot deadlock)."""
         rows = self._c.execute(
             "SELECT key_id FROM keys WHERE delete_date IS NOT NULL AND delete_date <= ? "
             "UNION SELECT key_id FROM keys WHERE next_rotation_date IS NOT NULL AND next_rotation_date <= ? "
-            "AND key_state = 'Enabled'",
+            "AND key_state = 'Enabled' ORDER BY key_id",
             (now, now),
         ).fetchall()
         return [str(r[0]) for r in rows]
@@ -262,7 +304,7 @@ class Tx:
                 "INSERT INTO aliases(alias_name, key_id, creation_date, update_date) VALUES (?, ?, ?, ?)",
                 (rec.alias_name, rec.key_id, rec.creation_date, rec.update_date),
             )
-        except sqlite3.IntegrityError:
+        except self._unique_violation:
             # The primary key is the arbiter of uniqueness, also between processes racing.
             raise KmsError("AliasAlreadyExists", f"The alias {rec.alias_name} already exists.") from None
 
@@ -295,7 +337,9 @@ class Tx:
         )
 
     def get_access_key(self, access_key_id: str) -> AccessKeyRecord | None:
-        row = self._c.execute("SELECT * FROM access_keys WHERE access_key_id = ?", (access_key_id,)).fetchone()
+        row = self._c.execute(
+            f"SELECT * FROM access_keys WHERE access_key_id = ?{self._lock_rows}", (access_key_id,)  # noqa: S608
+        ).fetchone()
         return None if row is None else AccessKeyRecord(*(row[c] for c in _AK_COLUMNS))
 
     def update_access_key(self, rec: AccessKeyRecord) -> None:
@@ -311,6 +355,27 @@ class Tx:
     def list_access_keys(self) -> list[AccessKeyRecord]:
         rows = self._c.execute("SELECT * FROM access_keys ORDER BY creation_date, access_key_id").fetchall()
         return [AccessKeyRecord(*(r[c] for c in _AK_COLUMNS)) for r in rows]
+
+
+class Store(Protocol):
+    """What the service asks of a store. :class:`SqliteStore` (embedded) and
+    ``pg_store.PostgresStore`` (shared by several nodes) implement it with the same semantics:
+    every transaction is all-or-nothing, and concurrent writers never lose an update."""
+
+    @property
+    def path(self) -> Path | str:
+        """Where the store is, for messages (a file path, or a URL without its password)."""
+        ...
+
+    def transaction(self, *, write: bool) -> contextlib.AbstractContextManager[Tx]: ...
+
+    def erase_history(self) -> None:
+        """Best effort to leave no copy of just-deleted rows behind (e.g. in a write-ahead log)."""
+        ...
+
+    def schema_version(self) -> int: ...
+
+    def close(self) -> None: ...
 
 
 def _create_private_file(path: Path) -> None:

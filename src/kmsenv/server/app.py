@@ -41,6 +41,7 @@ from kmsenv.errors import KmsError
 from kmsenv.kms.access import AccessKeys
 from kmsenv.kms.actions import ACTIONS, API_VERSION, authorize, dispatch, new_request_id
 from kmsenv.kms.nonces import NonceStore
+from kmsenv.kms.pg_nonces import PgNonceStore, open_nonce_store
 from kmsenv.kms.service import KmsService, default_home, fmt_time, open_service
 from kmsenv.server import signature
 from kmsenv.server.audit import AuditLog, audit_record
@@ -90,14 +91,14 @@ class _State:
 
     service: KmsService
     access_keys: AccessKeys
-    nonces: NonceStore
+    nonces: NonceStore | PgNonceStore
     audit: AuditLog
 
     @classmethod
     def open(cls, home: Path, config: ServerConfig) -> _State:
         service = open_service(home, announce=False)
         try:
-            nonces = NonceStore(home / "nonces.db")
+            nonces = open_nonce_store(service.store, home)
             audit = AuditLog(config.audit_path(home))
         except BaseException:
             service.close()

@@ -1,0 +1,91 @@
+"""Request nonces in the PostgreSQL store, shared by every node: :class:`NonceStore`'s cluster twin.
+
+With the KMS in PostgreSQL, a replayed request may reach any node, so the nonces live in the
+store's ``nonces`` table, where the primary key (AccessKey id, nonce) makes "claim this nonce"
+atomic across nodes: one ``INSERT ... ON CONFLICT`` that returns a row only if this call claimed
+it. A nonce whose record has expired (older than twice the clock window) may be claimed again,
+as with the SQLite store.
+
+The nonces use a small connection pool of their own, so a request's nonce never waits behind
+key-management transactions for a connection. Like the SQLite nonce file, their commits do not
+wait for the disk (``synchronous_commit = off``, for these transactions only): after a database
+crash the last moments' nonces may be forgotten, which re-opens replay of those few requests until
+their timestamps leave the window. Key data never goes through this path.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kmsenv.kms.nonces import NonceStore
+
+if TYPE_CHECKING:
+    from kmsenv.kms.store import Store
+
+__all__ = ["PgNonceStore", "open_nonce_store"]
+
+_PURGE_EVERY_S = 30.0
+_POOL_MAX = 4
+
+_CLAIM = (
+    "INSERT INTO nonces(access_key_id, nonce, expires_at) VALUES (%s, %s, %s) "
+    "ON CONFLICT (access_key_id, nonce) DO UPDATE SET expires_at = excluded.expires_at "
+    "WHERE nonces.expires_at < %s RETURNING 1"
+)
+
+
+class PgNonceStore:
+    def __init__(self, url: str) -> None:
+        import psycopg_pool
+
+        from kmsenv.kms.pg_store import CONNECT_TIMEOUT_S
+
+        self._url = url
+        self._pool = psycopg_pool.ConnectionPool(
+            url,
+            min_size=1,
+            max_size=_POOL_MAX,
+            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
+            check=psycopg_pool.ConnectionPool.check_connection,
+            timeout=CONNECT_TIMEOUT_S,
+            name="kmsenv-nonces",
+            open=False,
+        )
+        self._pool.open(wait=False)
+        self._lock = threading.Lock()
+        self._last_purge = 0.0
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def claim(self, access_key_id: str, nonce: str, *, window_s: int, now: float | None = None) -> bool:
+        """Record ``nonce`` for ``access_key_id``; False if it was already used within the window."""
+        import psycopg
+
+        now = time.time() if now is None else now
+        with self._lock:
+            purge, self._last_purge = (
+                (True, now) if now - self._last_purge > _PURGE_EVERY_S else (False, self._last_purge)
+            )
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                conn.execute("SET LOCAL synchronous_commit = off")
+                if purge:
+                    conn.execute("DELETE FROM nonces WHERE expires_at < %s", (int(now),))
+                row: Any = conn.execute(_CLAIM, (access_key_id, nonce, int(now) + 2 * window_s, int(now))).fetchone()
+        except psycopg.OperationalError as exc:
+            from kmsenv.kms.pg_store import unavailable
+
+            raise unavailable("nonce claim failed on", self._url, exc) from None
+        return row is not None
+
+
+def open_nonce_store(store: Store, home: Path) -> NonceStore | PgNonceStore:
+    """The nonce store that goes with ``store``: its database for PostgreSQL, else ``home/nonces.db``."""
+    url = getattr(store, "url", None)
+    if isinstance(url, str):
+        return PgNonceStore(url)
+    return NonceStore(home / "nonces.db")

@@ -1,0 +1,300 @@
+"""The PostgreSQL store: the SQLite store's records and semantics, shared by several KMS nodes.
+
+Selected by a ``postgresql://`` URL in ``KMSENV_STORE`` (or ``open_service(store=...)``). The
+records, the SQL of :class:`~kmsenv.kms.store.Tx` and the schema's migrations are the SQLite
+store's; what differs between the two dialects lives here:
+
+- **Schema**: the shared migrations translated (``BLOB`` → ``BYTEA``, flag columns → ``BOOLEAN``,
+  the version sequence → an identity column), plus the PostgreSQL-only ``nonces`` table.
+- **Concurrency**: a write transaction runs at READ COMMITTED and locks every key or AccessKey
+  row it reads (``SELECT ... FOR UPDATE``). Each Action changes at most one key, which it reads
+  first, so writers on one key queue behind each other and each sees the other's committed row:
+  no lost update, no two nodes both rotating a due key (the rotation is re-checked under the
+  lock), no two primary versions. Housekeeping locks due keys in key id order, so it cannot
+  deadlock with itself. The alias primary key decides alias races (a unique violation is
+  ``AliasAlreadyExists``). Read transactions are REPEATABLE READ READ ONLY: one snapshot, never
+  a serialisation failure.
+- **Durability**: ``synchronous_commit = on`` per session (whatever the server default), so a
+  commit that returned is on disk (and on synchronous standbys, if configured).
+- **Failures**: a node that cannot reach the database fails fast (``connect_timeout``), and a
+  lost connection, lock timeout or deadlock surfaces as ``ServiceUnavailableTemporary``; the
+  details go to the log, not to clients.
+- **Schema versions**: a database no node has used is created on first open; an older schema is
+  refused until ``kmsenv store migrate`` upgrades it (an operator's decision: nodes still running
+  the older code will then refuse the newer schema); a schema newer than this code is refused,
+  naming both versions.
+
+psycopg is imported only here, and this module only when a PostgreSQL store is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import fields
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import psycopg_pool
+from psycopg import errors as pg_errors
+
+from kmsenv.errors import ConfigError, KmsError
+from kmsenv.kms.store import _MIGRATIONS, SCHEMA_VERSION, KeyRecord, Tx
+
+__all__ = [
+    "PostgresStore",
+    "is_postgres_url",
+    "migrate",
+    "pg_migrations",
+    "read_schema_version",
+    "redact",
+    "require_postgres_url",
+    "unavailable",
+]
+
+_log = logging.getLogger("kmsenv.store")
+
+URL_SCHEMES = ("postgresql", "postgres")
+CONNECT_TIMEOUT_S = 5
+#: How long an Action waits for a row lock or a pooled connection before it is told to retry;
+#: SQLite's busy timeout is the same 30 s.
+LOCK_TIMEOUT_S = 30
+POOL_MAX = 10
+#: pg_advisory_xact_lock id serialising schema creation and migration across nodes ("kmsenv").
+_SCHEMA_LOCK = 0x6B6D73656E76
+
+#: PostgreSQL-only statements, applied with the shared migration of the same number.
+_PG_EXTRA: dict[int, str] = {
+    # Request nonces of every node (see pg_nonces); no table in SQLite's kms.db.
+    1: """
+    CREATE TABLE nonces (
+        access_key_id TEXT NOT NULL,
+        nonce TEXT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        PRIMARY KEY (access_key_id, nonce)
+    );
+    CREATE INDEX nonces_expiry ON nonces(expires_at);
+    """,
+}
+
+
+def is_postgres_url(text: str) -> bool:
+    return urlsplit(text).scheme in URL_SCHEMES
+
+
+def require_postgres_url(text: str) -> str:
+    if not is_postgres_url(text):
+        raise ConfigError(
+            f"KMSENV_STORE must be a postgresql:// URL, not {redact(text)!r}",
+            hint="unset KMSENV_STORE to use the embedded SQLite store in KMSENV_HOME",
+        )
+    return text
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def _flag_columns() -> set[str]:
+    return {f.name for f in fields(KeyRecord) if f.type in ("bool", bool)}
+
+
+def _translate(sql: str) -> str:
+    """One shared (SQLite-dialect) migration in PostgreSQL's dialect."""
+    sql = sql.replace("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY")
+    sql = re.sub(r"\bBLOB\b", "BYTEA", sql)
+    flags = "|".join(sorted(_flag_columns()))
+    return re.sub(rf"\b({flags}) INTEGER NOT NULL DEFAULT 0\b", r"\1 BOOLEAN NOT NULL DEFAULT FALSE", sql)
+
+
+@functools.cache
+def pg_migrations() -> tuple[str, ...]:
+    """The schema's migrations as PostgreSQL runs them; index ``n`` upgrades version n to n+1."""
+    return tuple(_translate(sql) + _PG_EXTRA.get(n + 1, "") for n, sql in enumerate(_MIGRATIONS))
+
+
+@functools.cache
+def _pg_sql(sql: str) -> str:
+    # The shared SQL uses qmark placeholders and no literal '?' or '%'.
+    return sql.replace("?", "%s")
+
+
+class _Row:
+    """A row readable by position and by column name, like ``sqlite3.Row``."""
+
+    __slots__ = ("_names", "_values")
+
+    def __init__(self, names: dict[str, int], values: Sequence[Any]) -> None:
+        self._names = names
+        self._values = values
+
+    def __getitem__(self, item: int | str) -> Any:
+        return self._values[self._names[item] if isinstance(item, str) else item]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
+def _row_factory(cursor: Any) -> Callable[[Sequence[Any]], _Row]:
+    names = {column.name: i for i, column in enumerate(cursor.description or ())}
+    return functools.partial(_Row, names)
+
+
+class _Connection:
+    """A psycopg connection speaking the shared SQL (``?`` placeholders, ``sqlite3.Row``-like rows)."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Any:
+        cursor = self._conn.cursor(row_factory=_row_factory)
+        return cursor.execute(_pg_sql(sql), parameters)
+
+
+class PgTx(Tx):
+    """A :class:`Tx` over PostgreSQL: write transactions lock the rows they read."""
+
+    _unique_violation = (pg_errors.UniqueViolation,)
+
+    def __init__(self, conn: psycopg.Connection[Any], *, write: bool) -> None:
+        super().__init__(_Connection(conn))
+        self._lock_rows = " FOR UPDATE" if write else ""
+
+
+def unavailable(what: str, url: str, exc: BaseException) -> KmsError:
+    # Connection details (host names, server messages) are for the operator's log, not for clients.
+    _log.warning("%s %s: %s", what, redact(url), exc)
+    return KmsError("ServiceUnavailableTemporary", "The KMS store is unavailable; try again.")
+
+
+def _connect(url: str) -> psycopg.Connection[Any]:
+    try:
+        return psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT_S)
+    except psycopg.OperationalError as exc:
+        _log.warning("cannot connect to %s: %s", redact(url), exc)
+        raise KmsError(
+            "ServiceUnavailableTemporary", f"Cannot connect to the KMS store {redact(url)}; try again."
+        ) from None
+
+
+def _current_version(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()
+    if row is None or not row[0]:
+        return 0
+    row = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
+    return 0 if row is None else int(bytes(row[0]))
+
+
+def _prepare_schema(url: str, *, migrate: bool) -> tuple[int, int]:
+    """Check (and create or, with ``migrate``, upgrade) the schema; returns (before, after)."""
+    with _connect(url) as conn, conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+        current = _current_version(conn)
+        if current > SCHEMA_VERSION:
+            raise ConfigError(
+                f"the KMS store {redact(url)} has schema version {current}, newer than this kmsenv "
+                f"understands ({SCHEMA_VERSION})",
+                hint="upgrade kmsenv on this node to use this store",
+            )
+        if 0 < current < SCHEMA_VERSION and not migrate:
+            raise ConfigError(
+                f"the KMS store {redact(url)} has schema version {current}; this kmsenv needs {SCHEMA_VERSION}",
+                hint="run `kmsenv store migrate` once (nodes still running the older kmsenv will then refuse it)",
+            )
+        for version in range(current, SCHEMA_VERSION):
+            for statement in pg_migrations()[version].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(
+                "INSERT INTO meta(name, value) VALUES ('schema_version', %s) "
+                "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                (str(version + 1).encode("ascii"),),
+            )
+    return current, SCHEMA_VERSION
+
+
+def read_schema_version(url: str) -> int:
+    """The schema version of the database at ``url`` (0: no kmsenv schema yet)."""
+    with _connect(url) as conn:
+        return _current_version(conn)
+
+
+def migrate(url: str) -> tuple[int, int]:
+    """Apply the forward migrations this code has; returns (version before, version after)."""
+    return _prepare_schema(url, migrate=True)
+
+
+_BEGIN_WRITE = "BEGIN ISOLATION LEVEL READ COMMITTED"
+_BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+
+
+def _configure(conn: psycopg.Connection[Any]) -> None:
+    conn.execute(f"SET lock_timeout = '{LOCK_TIMEOUT_S}s'")
+    conn.execute("SET synchronous_commit = on")
+
+
+class PostgresStore:
+    """A pooled PostgreSQL store, safe for many threads and many nodes at once."""
+
+    def __init__(self, url: str, *, max_connections: int = POOL_MAX) -> None:
+        self.url = url
+        self.path = redact(url)
+        _prepare_schema(url, migrate=False)
+        self._pool = psycopg_pool.ConnectionPool(
+            url,
+            min_size=1,
+            max_size=max_connections,
+            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
+            configure=_configure,
+            check=psycopg_pool.ConnectionPool.check_connection,
+            timeout=LOCK_TIMEOUT_S,
+            name="kmsenv-store",
+            open=False,
+        )
+        self._pool.open(wait=False)
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self.path})"
+
+    def close(self) -> None:
+        self._pool.close()
+
+    @contextlib.contextmanager
+    def transaction(self, *, write: bool) -> Iterator[Tx]:
+        """Run the block in one transaction: committed if it returns, rolled back if it raises."""
+        try:
+            with self._pool.connection() as conn:
+                conn.execute(_BEGIN_WRITE if write else _BEGIN_READ)
+                try:
+                    yield PgTx(conn, write=write)
+                except BaseException:
+                    with contextlib.suppress(psycopg.Error):
+                        conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+        except psycopg.OperationalError as exc:
+            # Connection lost or refused, pool exhausted, lock timeout, deadlock: all retryable.
+            raise unavailable("store transaction failed on", self.url, exc) from None
+
+    def erase_history(self) -> None:
+        """Nothing to do: PostgreSQL has no secure delete. Deleted rows stay in table pages until
+        vacuumed and overwritten, and in WAL archives and backups; they hold only material
+        sealed under the root key (docs/cluster.md)."""
+
+    def schema_version(self) -> int:
+        with self.transaction(write=False) as tx:
+            raw = tx.meta_get("schema_version")
+        return int(raw) if raw is not None else 0

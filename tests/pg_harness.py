@@ -1,0 +1,149 @@
+"""A throwaway PostgreSQL cluster for the tests, and the fixtures that hand out its databases.
+
+The cluster is made with the server binaries of Debian's ``postgresql`` package
+(``/usr/lib/postgresql/<version>/bin``, or ``initdb``/``pg_ctl`` on PATH) in a fresh temporary
+folder, listens on a free loopback port only, and is stopped and removed when the test session
+ends. PostgreSQL refuses to run as root, so as root (CI) it runs as the unprivileged ``postgres``
+user the package creates (``runuser -u postgres``); otherwise as the current user. A missing
+PostgreSQL is an error, never a skip: ``scripts/test.sh`` installs it.
+
+Test modules import the fixtures: ``pg_cluster`` (one per session, shared by every module),
+``pg_url`` (a new empty database per test) and ``pg_url_factory`` (more of them).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import getpass
+import glob
+import itertools
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+RUN_AS_ROOT_USER = "postgres"
+
+
+def find_bin_dir() -> Path:
+    """The folder holding ``initdb`` and ``pg_ctl`` (the newest Debian version first)."""
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name), reverse=True)
+    for folder in candidates:
+        if Path(folder, "initdb").exists() and Path(folder, "pg_ctl").exists():
+            return Path(folder)
+    initdb = shutil.which("initdb")
+    if initdb and shutil.which("pg_ctl"):
+        return Path(initdb).parent
+    raise RuntimeError(
+        "PostgreSQL server binaries (initdb, pg_ctl) not found: the PostgreSQL tests need them. "
+        "Install them with `apt-get install -y postgresql` (scripts/test.sh does this as root)."
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Cluster:
+    """One running PostgreSQL server in a temporary folder; :meth:`stop` removes every trace."""
+
+    def __init__(self) -> None:
+        self.bin = find_bin_dir()
+        self.as_root = os.geteuid() == 0
+        self.user = RUN_AS_ROOT_USER if self.as_root else getpass.getuser()
+        self.dir = Path(tempfile.mkdtemp(prefix="kmsenv-pg-"))
+        self.data = self.dir / "data"
+        self.port = _free_port()
+        self._names = itertools.count(1)
+        self._stopped = False
+        if self.as_root:
+            try:
+                account = pwd.getpwnam(RUN_AS_ROOT_USER)
+            except KeyError:
+                shutil.rmtree(self.dir)
+                raise RuntimeError(
+                    f"running as root, the PostgreSQL tests start the server as the user {RUN_AS_ROOT_USER!r}, "
+                    "which Debian's postgresql package creates: `apt-get install -y postgresql`"
+                ) from None
+            os.chown(self.dir, account.pw_uid, account.pw_gid)
+        atexit.register(self.stop)
+        self._run("initdb", "-D", str(self.data), "-U", self.user, "--auth=trust", "-E", "UTF8", "--no-sync")
+        options = " ".join(
+            [
+                "-c listen_addresses=127.0.0.1",
+                f"-c port={self.port}",
+                f"-c unix_socket_directories={self.dir}",
+                "-c max_connections=300",
+                # A throwaway cluster: nothing to keep across a crash, so skip the disk flushes.
+                "-c fsync=off",
+                "-c full_page_writes=off",
+            ]
+        )
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.dir / "server.log"), "-w", "-t", "60",
+                  "-o", options, "start")
+
+    def _run(self, tool: str, *args: str) -> None:
+        command = [str(self.bin / tool), *args]
+        if self.as_root:
+            command = ["runuser", "-u", RUN_AS_ROOT_USER, "--", *command]
+        result = subprocess.run(command, cwd=self.dir, capture_output=True, text=True, timeout=120, check=False)
+        if result.returncode != 0:
+            log = self.dir / "server.log"
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise RuntimeError(f"{tool} failed ({result.returncode}): {result.stderr.strip()}\n{tail}")
+
+    def url(self, dbname: str = "postgres") -> str:
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{dbname}"
+
+    def create_database(self) -> str:
+        """A new, empty database; returns its URL."""
+        name = f"kms_{os.getpid()}_{next(self._names)}"
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if (self.data / "postmaster.pid").exists():
+            with contextlib.suppress(RuntimeError):
+                self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_cluster: Cluster | None = None
+
+
+def cluster() -> Cluster:
+    """The session's cluster, started on first use (one for every module that imports this)."""
+    global _cluster  # noqa: PLW0603 (one server per test session, whichever module asks first)
+    if _cluster is None:
+        _cluster = Cluster()
+    return _cluster
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Cluster]:
+    yield cluster()
+    # The cluster outlives this fixture's scope in other modules' copies of it; atexit stops it.
+
+
+@pytest.fixture
+def pg_url_factory(pg_cluster: Cluster) -> Callable[[], str]:
+    return pg_cluster.create_database
+
+
+@pytest.fixture
+def pg_url(pg_url_factory: Callable[[], str]) -> str:
+    return pg_url_factory()
