@@ -99,13 +99,13 @@ def open_input(path: StrPath) -> Iterator[tuple[BinaryIO, os.stat_result]]:
     except FileNotFoundError:
         raise InputError(f"the input {name} does not exist") from None
     except IsADirectoryError:
-        raise InputError(f"the input {name} is a folder", hint="kmsenv works on one file at a time") from None
+        raise InputError(f"the input {name} is a folder", hint="pass -r and -o OUTDIR to work on a folder") from None
     except OSError as exc:
         raise InputError(f"cannot read the input {name}: {exc.strerror or exc}") from None
     with f:
         st = os.fstat(f.fileno())
         if stat.S_ISDIR(st.st_mode):
-            raise InputError(f"the input {name} is a folder", hint="kmsenv works on one file at a time")
+            raise InputError(f"the input {name} is a folder", hint="pass -r and -o OUTDIR to work on a folder")
         yield f, st
 
 

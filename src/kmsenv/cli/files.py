@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
 from kmsenv.cli._kms_options import add_kms_options, open_kms
@@ -24,6 +27,7 @@ from kmsenv.errors import KmsenvError, OutputError, UsageError
 
 if TYPE_CHECKING:
     from kmsenv._cache import DataKeyCache
+    from kmsenv._tree import TreeItem
     from kmsenv.clients import AlibabaKms, EmbeddedKms, Kms
     from kmsenv.envelope import DecryptResult
 
@@ -32,6 +36,7 @@ __all__ = ["default_decrypt_output", "default_encrypt_output", "default_migrate_
 CIPHER_SUFFIX = ".cipher"
 DECRYPTED_SUFFIX = ".decrypted"
 STDIO = "-"
+DEFAULT_JOBS = 4
 _SIZE_UNITS = {
     "": 1,
     **{unit: 1 << (10 * power) for power, letter in enumerate("kmgt", 1) for unit in (letter, letter + "ib")},
@@ -131,6 +136,25 @@ def _add_key_selection(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _jobs(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 256:
+        raise argparse.ArgumentTypeError(f"not a number of jobs from 1 to 256: {text!r}")
+    return int(text)
+
+
+def _add_tree_options(parser: argparse.ArgumentParser, recursive: str) -> None:
+    group = parser.add_argument_group("folders")
+    group.add_argument("-r", "--recursive", action="store_true", help=recursive + " (mirrored tree)")
+    group.add_argument(
+        "-j",
+        "--jobs",
+        type=_jobs,
+        default=DEFAULT_JOBS,
+        metavar="N",
+        help=f"with -r: files at once (default {DEFAULT_JOBS})",
+    )
+
+
 def _add_cache_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "data-key cache",
@@ -205,6 +229,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         metavar="N",
         help="plaintext bytes per chunk: a power of two from 4K to 16M (default 1M)",
     )
+    _add_tree_options(p, "encrypt every file below the folder INPUT into the folder -o OUTDIR, adding .cipher")
+    _add_reporting(p, verbose="say on stderr what was written (and, with -r, how many data keys were made)")
     _add_cache_options(p)
     add_kms_options(p)
     p.set_defaults(func=_encrypt)
@@ -220,6 +246,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     _add_context(p, "pair that must be in the file's encryption context, else exit 8")
     _add_output(p, "INPUT without .cipher, or INPUT.decrypted; stdout for stdin")
     _add_key_selection(p)
+    _add_tree_options(
+        p, "decrypt every *.cipher file below the folder INPUT into the folder -o OUTDIR, removing .cipher"
+    )
     _add_reporting(p)
     add_kms_options(p)
     p.set_defaults(func=_decrypt)
@@ -285,11 +314,13 @@ class _LazyKms(_ActionKms):
     def __init__(self, args: argparse.Namespace) -> None:
         self._args = args
         self._kms: EmbeddedKms | AlibabaKms | None = None
+        self._lock = threading.Lock()  # folder runs call from several threads: open it once
 
     def _get(self) -> EmbeddedKms | AlibabaKms:
-        if self._kms is None:
-            self._kms = open_kms(self._args)
-        return self._kms
+        with self._lock:
+            if self._kms is None:
+                self._kms = open_kms(self._args)
+            return self._kms
 
     def close(self) -> None:
         if self._kms is not None:
@@ -350,22 +381,48 @@ def _encrypt(args: argparse.Namespace) -> int:
     from kmsenv.format import DEFAULT_CHUNK_SIZE
 
     context = parse_context(args.context)
-    output = args.output or default_encrypt_output(args.input)
-    chunk_size = args.chunk_size or DEFAULT_CHUNK_SIZE
     options: dict[str, Any] = {
         "key_id": args.key_id,
         "context": context,
-        "chunk_size": chunk_size,
+        "chunk_size": args.chunk_size or DEFAULT_CHUNK_SIZE,
         "cache": cache_from_args(args),
     }
-    with kms_from_args(args) as kms:
-        if STDIO not in (args.input, output):
-            envelope.encrypt_file(args.input, output, kms=kms, force=args.force, **options)
-            return 0
-        with _source(args.input) as src, _sink(output, force=args.force, mode=None, binary=True) as dst:
-            envelope.encrypt_stream(src, dst, kms=kms, **options)
-        _flush_stdout(output)
+    facts = {"key_ids": list(args.key_id), "context": context}
+    if args.recursive:
+
+        def encrypt_one(kms: Kms, src: str, dst: str, threads: int) -> dict[str, Any]:
+            n = envelope.encrypt_file(src, dst, kms=kms, force=args.force, threads=threads, **options)
+            if args.verbose:
+                note(f"{_show(src)} -> {_show(dst)}")
+            return {**facts, "plaintext_size": n, "output_size": _size_of(dst)}
+
+        return _run_tree(args, encrypt_one, decrypt=False, cache=options["cache"])
+    output = args.output or default_encrypt_output(args.input)
+    with _metadata(args.metadata_output, output) as meta, kms_from_args(args) as kms:
+        record: dict[str, Any] = {"operation": "encrypt", "input": args.input, "output": output}
+        try:
+            if STDIO not in (args.input, output):
+                n = envelope.encrypt_file(args.input, output, kms=kms, force=args.force, **options)
+            else:
+                with _source(args.input) as src, _sink(output, force=args.force, mode=None, binary=True) as dst:
+                    n = envelope.encrypt_stream(src, dst, kms=kms, **options)
+                _flush_stdout(output)
+        except KmsenvError as exc:
+            meta.write({**record, **failure_fields(exc)})
+            raise
+        meta.write({**record, "outcome": "ok", **facts, "plaintext_size": n, "output_size": _size_of(output)})
+        if args.verbose:
+            note(f"{_show(args.input)} -> {_show(output)}")
     return 0
+
+
+def _size_of(name: str) -> int | None:
+    if name == STDIO:
+        return None
+    try:
+        return os.stat(name).st_size
+    except OSError:
+        return None
 
 
 def _decrypt(args: argparse.Namespace) -> int:
@@ -373,10 +430,19 @@ def _decrypt(args: argparse.Namespace) -> int:
     from kmsenv._atomic import PRIVATE_MODE
 
     context = parse_context(args.context)
-    output = args.output or default_decrypt_output(args.input)
     options: dict[str, Any] = {"context": context, "key_ids": args.key_id, "discovery": args.discovery}
+    if args.recursive:
+
+        def decrypt_one(kms: Kms, src: str, dst: str, threads: int) -> dict[str, Any]:
+            result = envelope.decrypt_file_result(src, dst, kms=kms, force=args.force, threads=threads, **options)
+            if args.verbose:
+                note(f"{_show(src)}: {describe_key(result)}")
+            return {**result.as_dict(), "output_size": _size_of(dst)}
+
+        return _run_tree(args, decrypt_one, decrypt=True, cache=None)
+    output = args.output or default_decrypt_output(args.input)
     with _metadata(args.metadata_output, output) as meta, kms_from_args(args) as kms:
-        record: dict[str, Any] = {"input": args.input, "output": output, "operation": "decrypt"}
+        record: dict[str, Any] = {"operation": "decrypt", "input": args.input, "output": output}
         try:
             if STDIO not in (args.input, output):
                 result = envelope.decrypt_file_result(args.input, output, kms=kms, force=args.force, **options)
@@ -390,10 +456,62 @@ def _decrypt(args: argparse.Namespace) -> int:
         except KmsenvError as exc:
             meta.write({**record, **failure_fields(exc)})
             raise
-        meta.write({**record, "outcome": "ok", **result.as_dict()})
+        meta.write({**record, "outcome": "ok", **result.as_dict(), "output_size": _size_of(output)})
         if args.verbose:
             note(f"{_show(args.input)}: {describe_key(result)}")
     return 0
+
+
+#: (kms, input file, output file, stream threads) -> metadata fields; raises KmsenvError.
+_FileWork = Callable[["Kms", str, str, int], dict[str, Any]]
+
+
+def _run_tree(args: argparse.Namespace, work: _FileWork, *, decrypt: bool, cache: DataKeyCache | None) -> int:
+    """``-r``: every file below INPUT into OUTDIR, ``--jobs`` at a time (see :mod:`kmsenv._tree`)."""
+    from kmsenv._tree import check_roots, plan
+
+    if not args.output:
+        raise UsageError("-r needs an output folder", hint="pass -o OUTDIR")
+    if STDIO in (args.input, args.output):
+        raise UsageError("-r works on folders, not stdin/stdout")
+    check_roots(args.input, args.output)
+    operation, verb = ("decrypt", "decrypted") if decrypt else ("encrypt", "encrypted")
+    # Files run side by side: the streams inside each run inline (a writer thread each would
+    # only add hand-offs); a single job keeps the default two-thread stream.
+    threads = 2 if args.jobs == 1 else 1
+    with _metadata(args.metadata_output) as meta, kms_from_args(args) as kms:
+
+        def task(item: TreeItem) -> Task:
+            if item.skipped is not None:
+                return Task.skip(item.input, item.skipped)
+            if item.error is not None or item.output is None:
+                return Task(item.input, None, partial(_raise, item.error or UsageError("no output")))
+            src, dst = item.input, item.output
+
+            def run() -> dict[str, Any]:
+                _make_folder(os.path.dirname(dst), private=decrypt)
+                return work(kms, src, dst, threads)
+
+            return Task(src, dst, run)
+
+        items = plan(args.input, args.output, decrypt=decrypt)
+        rc = run_tasks((task(item) for item in items), meta=meta, operation=operation, verb=verb, jobs=args.jobs)
+    if cache is not None and args.verbose:
+        stats = cache.stats()
+        note(f"{stats['misses']} data key(s) from the KMS for {stats['hits'] + stats['misses']} file(s)")
+    return rc
+
+
+def _raise(exc: KmsenvError) -> dict[str, Any]:
+    raise exc
+
+
+def _make_folder(folder: str, *, private: bool) -> None:
+    """Create an output folder (and its parents) if missing; 0700 for plaintext trees."""
+    try:
+        os.makedirs(folder, mode=0o700 if private else 0o777, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder {folder}: {exc.strerror or exc}") from None
 
 
 def describe_key(result: DecryptResult) -> str:
@@ -404,8 +522,18 @@ def describe_key(result: DecryptResult) -> str:
     return f"decrypted with wrapped key #{result.stanza} of {total}: {_show(result.key_arn or result.key_id)}"
 
 
+_STDERR_LOCK = threading.Lock()
+
+
+def _stderr(line: str) -> None:
+    """One whole line to stderr: worker threads of a folder run must not interleave theirs."""
+    with _STDERR_LOCK:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
 def note(text: str) -> None:
-    print(f"kmsenv: note: {text}", file=sys.stderr)
+    _stderr(f"kmsenv: note: {text}")
 
 
 def failure_fields(exc: KmsenvError) -> dict[str, Any]:
@@ -421,8 +549,6 @@ class MetadataWriter:
     """``--metadata-output``: one JSON object per line, flushed per line; thread-safe."""
 
     def __init__(self, stream: TextIO | None) -> None:
-        import threading
-
         self._stream = stream
         self._lock = threading.Lock()
 
@@ -543,10 +669,7 @@ def run_tasks(tasks: Iterable[Task], *, meta: MetadataWriter, operation: str, ve
         for t, f in pending:
             finish(t, f)
     if sum(counts.values()) > 1:
-        print(
-            f"kmsenv: {counts['ok']} file(s) {verb}, {counts['failed']} failed, {counts['skipped']} skipped",
-            file=sys.stderr,
-        )
+        _stderr(f"kmsenv: {counts['ok']} file(s) {verb}, {counts['failed']} failed, {counts['skipped']} skipped")
     if not codes:
         return 0
     return codes.pop() if len(codes) == 1 else 1
@@ -554,9 +677,9 @@ def run_tasks(tasks: Iterable[Task], *, meta: MetadataWriter, operation: str, ve
 
 def _report_failure(name: str, exc: KmsenvError) -> None:
     message = str(exc) if hasattr(exc, "code") else exc.message
-    print(f"kmsenv: error: {_show(name)}: {message}", file=sys.stderr)
+    _stderr(f"kmsenv: error: {_show(name)}: {message}")
     if exc.hint:
-        print(f"kmsenv: hint: {exc.hint}", file=sys.stderr)
+        _stderr(f"kmsenv: hint: {exc.hint}")
 
 
 def _migrate(args: argparse.Namespace) -> int:
