@@ -89,8 +89,9 @@ class Cluster:
                 "-c full_page_writes=off",
             ]
         )
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.dir / "server.log"), "-w", "-t", "60",
-                  "-o", options, "start")
+        self._run(
+            "pg_ctl", "-D", str(self.data), "-l", str(self.dir / "server.log"), "-w", "-t", "60", "-o", options, "start"
+        )
 
     def _run(self, tool: str, *args: str) -> None:
         command = [str(self.bin / tool), *args]
@@ -120,6 +121,18 @@ class Cluster:
             with contextlib.suppress(RuntimeError):
                 self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def install_schema(url: str, version: int) -> None:
+    """Give the database at ``url`` the schema as of ``version``, as an older kmsenv left it."""
+    from kmsenv.kms.pg_store import pg_migrations
+
+    with psycopg.connect(url) as conn:
+        for sql in pg_migrations()[:version]:
+            for statement in sql.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+        conn.execute("INSERT INTO meta(name, value) VALUES ('schema_version', %s)", (str(version).encode(),))
 
 
 _cluster: Cluster | None = None

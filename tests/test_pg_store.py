@@ -29,7 +29,7 @@ from kmsenv.kms.pg_nonces import PgNonceStore, open_nonce_store
 from kmsenv.kms.pg_store import PostgresStore, migrate, pg_migrations, read_schema_version, redact
 from kmsenv.kms.service import KmsService, open_service
 from kmsenv.kms.store import SCHEMA_VERSION
-from pg_harness import pg_cluster, pg_url, pg_url_factory
+from pg_harness import install_schema, pg_cluster, pg_url, pg_url_factory
 
 __all__ = ["pg_cluster", "pg_url", "pg_url_factory"]
 
@@ -217,8 +217,9 @@ def test_material_is_stored_sealed_as_bytea(service_pg: KmsService, shared: str)
     assert kind == "bytea" and isinstance(sealed, bytes) and len(sealed) == 1 + 12 + 32 + 16
 
 
-def test_root_key_of_another_kms_is_refused(shared: str, kms_home: Path, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_root_key_of_another_kms_is_refused(
+    shared: str, kms_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     open_service(kms_home, announce=False).close()
     other = open_service(tmp_path / "other-home", store="", announce=False)  # makes another root key
     other.close()
@@ -227,8 +228,9 @@ def test_root_key_of_another_kms_is_refused(shared: str, kms_home: Path, tmp_pat
         open_service(kms_home, announce=False)
 
 
-def test_first_node_creates_the_root_key_and_says_so(shared: str, kms_home: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_first_node_creates_the_root_key_and_says_so(
+    shared: str, kms_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     open_service(kms_home).close()
     err = capsys.readouterr().err
     assert "created a new KMS in postgresql://" in err and str(kms_home / "root.key") in err
@@ -269,7 +271,10 @@ def test_unreachable_database_fails_fast(kms_home: Path, pg_cluster: Any) -> Non
         port = s.getsockname()[1]  # nothing listens here once the socket closes
     started = time.monotonic()
     err = expect_error(
-        open_service, "ServiceUnavailableTemporary", kms_home, store=f"postgresql://u:pw@127.0.0.1:{port}/kms",
+        open_service,
+        "ServiceUnavailableTemporary",
+        kms_home,
+        store=f"postgresql://u:pw@127.0.0.1:{port}/kms",
         announce=False,
     )
     assert time.monotonic() - started < pg_store.CONNECT_TIMEOUT_S + 2
@@ -287,8 +292,9 @@ def test_lost_connections_are_replaced(service_pg: KmsService, shared: str) -> N
     assert service_pg.describe_key(key_id=key)["KeyMetadata"]["KeyId"] == key
 
 
-def test_lock_held_too_long_is_service_unavailable(service_pg: KmsService, shared: str,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lock_held_too_long_is_service_unavailable(
+    service_pg: KmsService, shared: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     key = service_pg.create_key()["KeyMetadata"]["KeyId"]
     with psycopg.connect(shared) as blocker:
         blocker.execute("SELECT 1 FROM keys WHERE key_id = %s FOR UPDATE", (key,))
@@ -329,18 +335,9 @@ def test_schema_newer_than_the_code_is_refused(shared: str, kms_home: Path) -> N
         migrate(shared)  # an older node cannot "migrate" a newer schema either
 
 
-def _install_schema(url: str, version: int) -> None:
-    with psycopg.connect(url) as conn:
-        for sql in pg_migrations()[:version]:
-            for statement in sql.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-        conn.execute("INSERT INTO meta(name, value) VALUES ('schema_version', %s)", (str(version).encode(),))
-
-
 @pytest.mark.parametrize("start", range(1, SCHEMA_VERSION))
 def test_older_schema_is_refused_until_migrated(shared: str, kms_home: Path, start: int) -> None:
-    _install_schema(shared, start)
+    install_schema(shared, start)
     with pytest.raises(ConfigError) as info:
         open_service(kms_home, announce=False)
     assert f"schema version {start}" in str(info.value) and str(SCHEMA_VERSION) in str(info.value)

@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from kmsenv.cli import access, audit, files, kms, server
+from kmsenv.cli import access, audit, files, kms, server, store
 
 __all__ = ["main"]
 
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     access.register(sub)
     server.register(sub)
     audit.register(sub)
+    store.register(sub)
     return parser
 
 

@@ -903,6 +903,14 @@ def _parse_filters(filters: str | None) -> list[tuple[str, list[str]]]:
     return result
 
 
+def make_home(home: Path) -> None:
+    """Create the KMS home (and its parents), mode 0700."""
+    try:
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the KMS home {home}: {exc.strerror}") from None
+
+
 def open_service(
     home: Path | None = None, *, clock: Clock = utc_now, announce: bool = True, store: str | None = None
 ) -> KmsService:
@@ -916,10 +924,7 @@ def open_service(
     db_path = home / "kms.db"
     new_home = not db_path.exists()
     if new_home:
-        try:
-            home.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"cannot create the KMS home {home}: {exc.strerror}") from None
+        make_home(home)
     elif not home.is_dir():
         raise ConfigError(f"the KMS home {home} is not a folder")
     # A root key is only ever created together with a new store: creating one beside an existing
@@ -977,10 +982,7 @@ def _open_shared_service(home: Path, target: str, *, clock: Clock, announce: boo
         with store.transaction(write=False) as tx:
             fresh = tx.meta_get("root_key_check") is None
         if fresh and not os.environ.get(ROOT_KEY_ENV):
-            try:
-                home.mkdir(mode=0o700, parents=True, exist_ok=True)
-            except OSError as exc:
-                raise ConfigError(f"cannot create the KMS home {home}: {exc.strerror}") from None
+            make_home(home)
         root_key, created_root = load_or_create_root_key(home, create=fresh)
         initialized, region, account_id = _bind_root_key(store, root_key)
     except BaseException:
