@@ -218,3 +218,14 @@ def test_cli_decrypt_key_selection_errors(
     assert rc == 3
     assert err.count("Rejected.Disabled") >= 3
     assert not (outdir / "q").exists()
+
+
+def test_legacy_file_and_named_keys(tmp_path: Path, outdir: Path, kms: EmbeddedKms, key: str) -> None:
+    from files_helpers import sample_encrypt
+
+    legacy = sample_encrypt(kms, tmp_path)
+    with pytest.raises(ConfigError, match="not under a key id you named"):
+        envelope.decrypt_file(legacy, outdir / "p", kms=kms, key_ids=[new_key(kms)])
+    assert names(outdir) == []
+    result = envelope.decrypt_file_result(legacy, outdir / "p", kms=kms, key_ids=[key])
+    assert (result.format, result.key_id, result.stanza) == ("legacy-aes-eax", key, None)

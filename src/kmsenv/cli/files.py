@@ -399,18 +399,14 @@ def _encrypt(args: argparse.Namespace) -> int:
         return _run_tree(args, encrypt_one, decrypt=False, cache=options["cache"])
     output = args.output or default_encrypt_output(args.input)
     with _metadata(args.metadata_output, output) as meta, kms_from_args(args) as kms:
-        record: dict[str, Any] = {"operation": "encrypt", "input": args.input, "output": output}
-        try:
+        with meta.one_file("encrypt", args.input, output) as record:
             if STDIO not in (args.input, output):
                 n = envelope.encrypt_file(args.input, output, kms=kms, force=args.force, **options)
             else:
                 with _source(args.input) as src, _sink(output, force=args.force, mode=None, binary=True) as dst:
                     n = envelope.encrypt_stream(src, dst, kms=kms, **options)
                 _flush_stdout(output)
-        except KmsenvError as exc:
-            meta.write({**record, **failure_fields(exc)})
-            raise
-        meta.write({**record, "outcome": "ok", **facts, "plaintext_size": n, "output_size": _size_of(output)})
+            record.update(facts, plaintext_size=n, output_size=_size_of(output))
         if args.verbose:
             note(f"{_show(args.input)} -> {_show(output)}")
     return 0
@@ -442,8 +438,7 @@ def _decrypt(args: argparse.Namespace) -> int:
         return _run_tree(args, decrypt_one, decrypt=True, cache=None)
     output = args.output or default_decrypt_output(args.input)
     with _metadata(args.metadata_output, output) as meta, kms_from_args(args) as kms:
-        record: dict[str, Any] = {"operation": "decrypt", "input": args.input, "output": output}
-        try:
+        with meta.one_file("decrypt", args.input, output) as record:
             if STDIO not in (args.input, output):
                 result = envelope.decrypt_file_result(args.input, output, kms=kms, force=args.force, **options)
             else:
@@ -453,10 +448,7 @@ def _decrypt(args: argparse.Namespace) -> int:
                 ):
                     result = envelope.decrypt_stream_result(src, dst, kms=kms, **options)
                 _flush_stdout(output)
-        except KmsenvError as exc:
-            meta.write({**record, **failure_fields(exc)})
-            raise
-        meta.write({**record, "outcome": "ok", **result.as_dict(), "output_size": _size_of(output)})
+            record.update(result.as_dict(), output_size=_size_of(output))
         if args.verbose:
             note(f"{_show(args.input)}: {describe_key(result)}")
     return 0
@@ -551,6 +543,18 @@ class MetadataWriter:
     def __init__(self, stream: TextIO | None) -> None:
         self._stream = stream
         self._lock = threading.Lock()
+
+    @contextmanager
+    def one_file(self, operation: str, input_name: str, output: str | None) -> Iterator[dict[str, Any]]:
+        """The line for one file: the body adds its facts; ``ok`` if it ends cleanly, else the error."""
+        record: dict[str, Any] = {"operation": operation, "input": input_name, "output": output}
+        facts: dict[str, Any] = {}
+        try:
+            yield facts
+        except KmsenvError as exc:
+            self.write({**record, **failure_fields(exc)})
+            raise
+        self.write({**record, "outcome": "ok", **facts})
 
     def write(self, record: Mapping[str, Any]) -> None:
         if self._stream is None:
