@@ -284,3 +284,44 @@ def test_subprocess_folder_run(tree: Path, tmp_path: Path, kms_home: Path, key: 
 
 def test_api_files_from_a_folder_run_decrypt_one_by_one(encrypted: Path, tmp_path: Path, kms: EmbeddedKms) -> None:
     assert envelope.decrypt_file(encrypted / "sub" / "deeper" / "d.cipher", tmp_path / "d", kms=kms) == 1
+
+
+def test_progress_line(tree: Path, tmp_path: Path, key: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, _, err = cli(capsys, "encrypt", "-r", str(tree), "-o", str(tmp_path / "enc"), "--key-id", key, "--progress")
+    assert rc == 0
+    assert "\r\x1b[Kkmsenv: 1 file(s) encrypted, 0 failed, 0 skipped ..." in err  # the first redraw
+    assert err.endswith("\r\x1b[Kkmsenv: 5 file(s) encrypted, 0 failed, 0 skipped\n")  # replaced by the summary
+
+
+def test_interrupt_drops_pending_files_and_leaves_nothing_half_written(
+    tree: Path, tmp_path: Path, key: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = envelope.encrypt_file
+    seen: list[str] = []
+
+    def interrupted(src: str, dst: str, **kw: object) -> int:
+        seen.append(src)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        return real(src, dst, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(envelope, "encrypt_file", interrupted)
+    make_tree(tree, {f"many/{i:02d}": b"x" for i in range(30)})
+    out = tmp_path / "enc"
+    rc, _, err = cli(capsys, "encrypt", "-r", str(tree), "-o", str(out), "--key-id", key, "-j", "1")
+    assert rc == 130
+    assert "interrupted" in err
+    assert len(seen) <= 2 + 5  # at most 4 x jobs + 1 files are queued: the rest were never started
+    assert len(files_below(out)) == len(seen) - 1  # the ones already running finished, whole
+    for path in out.rglob("*.cipher"):
+        assert read_header(path).size < path.stat().st_size
+    assert leftovers(out) == []
+
+
+def test_alias_on_decrypt_is_one_usage_error(
+    encrypted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc, _, err = cli(capsys, "decrypt", "-r", str(encrypted), "-o", str(tmp_path / "dec"), "--key-id", "alias/x")
+    assert rc == 2
+    assert err.count("alias") >= 1 and "failed" not in err
+    assert not (tmp_path / "dec").exists()

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -152,6 +153,9 @@ def _add_tree_options(parser: argparse.ArgumentParser, recursive: str) -> None:
         default=DEFAULT_JOBS,
         metavar="N",
         help=f"with -r: files at once (default {DEFAULT_JOBS})",
+    )
+    group.add_argument(
+        "--progress", action="store_true", help="with -r: a status line on stderr, redrawn as files finish"
     )
 
 
@@ -426,6 +430,8 @@ def _decrypt(args: argparse.Namespace) -> int:
     from kmsenv._atomic import PRIVATE_MODE
 
     context = parse_context(args.context)
+    for name in args.key_id or ():
+        envelope.key_ref(name)  # an alias is a usage error once, not once per file
     options: dict[str, Any] = {"context": context, "key_ids": args.key_id, "discovery": args.discovery}
     if args.recursive:
 
@@ -487,7 +493,14 @@ def _run_tree(args: argparse.Namespace, work: _FileWork, *, decrypt: bool, cache
             return Task(src, dst, run)
 
         items = plan(args.input, args.output, decrypt=decrypt)
-        rc = run_tasks((task(item) for item in items), meta=meta, operation=operation, verb=verb, jobs=args.jobs)
+        rc = run_tasks(
+            (task(item) for item in items),
+            meta=meta,
+            operation=operation,
+            verb=verb,
+            jobs=args.jobs,
+            progress=args.progress,
+        )
     if cache is not None and args.verbose:
         stats = cache.stats()
         note(f"{stats['misses']} data key(s) from the KMS for {stats['hits'] + stats['misses']} file(s)")
@@ -515,13 +528,41 @@ def describe_key(result: DecryptResult) -> str:
 
 
 _STDERR_LOCK = threading.Lock()
+_CLEAR_LINE = "\r\x1b[K"
+#: Whether a --progress status line is on screen (it is erased before any other line).
+_status_shown = False
 
 
-def _stderr(line: str) -> None:
-    """One whole line to stderr: worker threads of a folder run must not interleave theirs."""
+def _stderr(line: str, *, status: bool = False) -> None:
+    """One whole line to stderr: worker threads of a folder run must not interleave theirs.
+
+    ``status``: a --progress line, redrawn in place (no newline) until the next line replaces it.
+    """
+    global _status_shown  # noqa: PLW0603 - one terminal line, shared by every writer
     with _STDERR_LOCK:
-        sys.stderr.write(line + "\n")
+        prefix = _CLEAR_LINE if _status_shown or status else ""
+        sys.stderr.write(prefix + line + ("" if status else "\n"))
         sys.stderr.flush()
+        _status_shown = status
+
+
+class _Progress:
+    """``--progress``: a status line (files done, failed, skipped) redrawn at most 10 times a second."""
+
+    def __init__(self, enabled: bool, verb: str) -> None:
+        self.enabled = enabled
+        self.verb = verb
+        self._last = 0.0
+
+    def show(self, counts: Mapping[str, int]) -> None:
+        now = time.monotonic()
+        if self.enabled and now - self._last >= 0.1:
+            self._last = now
+            _stderr(f"kmsenv: {_summary(counts, self.verb)} ...", status=True)
+
+
+def _summary(counts: Mapping[str, int], verb: str) -> str:
+    return f"{counts['ok']} file(s) {verb}, {counts['failed']} failed, {counts['skipped']} skipped"
 
 
 def note(text: str) -> None:
@@ -588,6 +629,8 @@ def _rewrap(args: argparse.Namespace) -> int:
     from kmsenv import envelope
 
     context = parse_context(args.context)
+    for name in args.remove_key_id:
+        envelope.key_ref(name)  # an alias is a usage error once, not once per file
     with _metadata(args.metadata_output) as meta, kms_from_args(args) as kms:
 
         def task(name: str) -> Task:
@@ -630,18 +673,23 @@ class Task:
         return cls(input_name, None, dict, skipped=reason)
 
 
-def run_tasks(tasks: Iterable[Task], *, meta: MetadataWriter, operation: str, verb: str, jobs: int = 1) -> int:
+def run_tasks(
+    tasks: Iterable[Task], *, meta: MetadataWriter, operation: str, verb: str, jobs: int = 1, progress: bool = False
+) -> int:
     """Run every task (``jobs`` at a time), report each failure and go on; return the exit code.
 
     Each failure is one ``kmsenv: error: INPUT: ...`` line (and its hint); each skipped file one
     ``kmsenv: note:`` line; each file one ``--metadata-output`` line. Exit code: 0 if nothing
     failed (skipped files are not failures); the failing class's code if every failure has the
-    same one; else 1. With more than one file, a summary line closes the run.
+    same one; else 1. With more than one file, a summary line closes the run. ``progress``: a
+    status line redrawn as files finish. On Ctrl-C, files not started yet are dropped and the
+    ones running finish (each is atomic either way).
     """
     from concurrent.futures import Future, ThreadPoolExecutor
 
     counts = {"ok": 0, "failed": 0, "skipped": 0}
     codes: set[int] = set()
+    status = _Progress(progress, verb)
 
     def finish(t: Task, outcome: Future[dict[str, Any]] | None) -> None:
         record: dict[str, Any] = {"operation": operation, "input": t.input, "output": t.output}
@@ -660,20 +708,25 @@ def run_tasks(tasks: Iterable[Task], *, meta: MetadataWriter, operation: str, ve
                 raise exc
         counts[record["outcome"]] += 1
         meta.write(record)
+        status.show(counts)
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        pending: list[tuple[Task, Future[dict[str, Any]]]] = []
-        for t in tasks:
-            if t.skipped is not None:
-                finish(t, None)
-                continue
-            pending.append((t, pool.submit(t.run)))
-            while len(pending) > 4 * max(1, jobs):  # bounded: a huge tree is not held in memory
-                finish(*pending.pop(0))
-        for t, f in pending:
-            finish(t, f)
-    if sum(counts.values()) > 1:
-        _stderr(f"kmsenv: {counts['ok']} file(s) {verb}, {counts['failed']} failed, {counts['skipped']} skipped")
+        try:
+            pending: list[tuple[Task, Future[dict[str, Any]]]] = []
+            for t in tasks:
+                if t.skipped is not None:
+                    finish(t, None)
+                    continue
+                pending.append((t, pool.submit(t.run)))
+                while len(pending) > 4 * max(1, jobs):  # bounded: a huge tree is not held in memory
+                    finish(*pending.pop(0))
+            for t, f in pending:
+                finish(t, f)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    if progress or sum(counts.values()) > 1:
+        _stderr(f"kmsenv: {_summary(counts, verb)}")  # also replaces the last status line
     if not codes:
         return 0
     return codes.pop() if len(codes) == 1 else 1
