@@ -265,8 +265,7 @@ def key_ref(name: str) -> str:
             f"{name!r} is an alias: name keys by key id or key ARN here",
             hint="`kmsenv inspect FILE` shows the key ARNs a file is wrapped under",
         )
-    _, sep, tail = name.rpartition(":key/")
-    return tail if sep else name
+    return key_ref_of_arn(name)
 
 
 def _stanza(kms: Kms, wrapped: WrappedKey) -> fmt.KeyStanza:
