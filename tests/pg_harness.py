@@ -106,11 +106,11 @@ class Cluster:
     def url(self, dbname: str = "postgres") -> str:
         return f"postgresql://{self.user}@127.0.0.1:{self.port}/{dbname}"
 
-    def create_database(self) -> str:
-        """A new, empty database; returns its URL."""
+    def create_database(self, options: str = "") -> str:
+        """A new, empty database (``options``: more of CREATE DATABASE); returns its URL."""
         name = f"kms_{os.getpid()}_{next(self._names)}"
         with psycopg.connect(self.url(), autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+            conn.execute(f'CREATE DATABASE "{name}" {options}')
         return self.url(name)
 
     def stop(self) -> None:

@@ -361,6 +361,24 @@ def test_nodes_opening_a_new_database_at_once_create_one_schema(pg_url: str) -> 
     assert read_schema_version(pg_url) == SCHEMA_VERSION
 
 
+def test_listings_sort_as_in_sqlite_whatever_the_database_locale(
+    pg_cluster: Any, kms_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A database whose default collation sorts "alias/B" after "alias/b" and ignores "-" and "_".
+    url = pg_cluster.create_database("TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'")
+    monkeypatch.setenv("KMSENV_STORE", url)
+    svc = open_service(kms_home, announce=False)
+    try:
+        key = svc.create_key()["KeyMetadata"]["KeyId"]
+        names = ["alias/b", "alias/B", "alias/a-c", "alias/ab", "alias/_z", "alias/Z"]
+        for name in names:
+            svc.create_alias(alias_name=name, key_id=key)
+        listed = [a["AliasName"] for a in svc.list_aliases(page_size=100)["Aliases"]["Alias"]]
+        assert listed == sorted(names)  # code point order, as SQLite's BINARY collation
+    finally:
+        svc.close()
+
+
 def test_translated_schema_has_no_sqlite_only_types() -> None:
     for sql in pg_migrations():
         assert "BLOB" not in sql and "AUTOINCREMENT" not in sql

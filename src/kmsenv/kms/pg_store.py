@@ -110,9 +110,13 @@ def _flag_columns() -> set[str]:
 
 
 def _translate(sql: str) -> str:
-    """One shared (SQLite-dialect) migration in PostgreSQL's dialect."""
+    """One shared (SQLite-dialect) migration in PostgreSQL's dialect.
+
+    Text compares byte by byte (``COLLATE "C"``), as in SQLite, whatever the database's locale:
+    listings come in the same order from both stores, and date strings compare as dates."""
     sql = sql.replace("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY")
     sql = re.sub(r"\bBLOB\b", "BYTEA", sql)
+    sql = re.sub(r"\bTEXT\b", 'TEXT COLLATE "C"', sql)
     flags = "|".join(sorted(_flag_columns()))
     return re.sub(rf"\b({flags}) INTEGER NOT NULL DEFAULT 0\b", r"\1 BOOLEAN NOT NULL DEFAULT FALSE", sql)
 
@@ -120,7 +124,7 @@ def _translate(sql: str) -> str:
 @functools.cache
 def pg_migrations() -> tuple[str, ...]:
     """The schema's migrations as PostgreSQL runs them; index ``n`` upgrades version n to n+1."""
-    return tuple(_translate(sql) + _PG_EXTRA.get(n + 1, "") for n, sql in enumerate(_MIGRATIONS))
+    return tuple(_translate(sql + _PG_EXTRA.get(n + 1, "")) for n, sql in enumerate(_MIGRATIONS))
 
 
 @functools.cache
