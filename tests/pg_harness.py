@@ -48,7 +48,8 @@ def find_bin_dir() -> Path:
     )
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback port nothing listens on (the socket that found it is closed again)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -63,7 +64,7 @@ class Cluster:
         self.user = RUN_AS_ROOT_USER if self.as_root else getpass.getuser()
         self.dir = Path(tempfile.mkdtemp(prefix="kmsenv-pg-"))
         self.data = self.dir / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self._names = itertools.count(1)
         self._stopped = False
         if self.as_root:

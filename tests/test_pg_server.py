@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from kmsenv.server.app import KmsApp
 from kmsenv.server.config import ServerConfig
-from pg_harness import pg_cluster, pg_url, pg_url_factory
+from pg_harness import free_port, pg_cluster, pg_url, pg_url_factory
 from test_server_app import credentials
 from test_server_harness import Server, sign_v1, start_server
 
@@ -35,12 +36,16 @@ def apps(home: Path, credentials: tuple[str, str]) -> Iterator[list[KmsApp]]:
         node.close()
 
 
-def post(app: KmsApp, params: dict[str, str]) -> httpx.Response:
+def send(app: KmsApp, method: str, path: str = "/", params: dict[str, str] | None = None) -> httpx.Response:
     async def go() -> httpx.Response:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://kms.test/") as client:
-            return await client.post("/", params=params)
+            return await client.request(method, path, params=params)
 
     return asyncio.run(go())
+
+
+def post(app: KmsApp, params: dict[str, str]) -> httpx.Response:
+    return send(app, "POST", params=params)
 
 
 def test_nodes_share_keys_and_nonces(apps: list[KmsApp], credentials: tuple[str, str], kms_home: Path) -> None:
@@ -59,11 +64,7 @@ def test_nodes_share_keys_and_nonces(apps: list[KmsApp], credentials: tuple[str,
 
 
 def test_health_of_a_node_reads_the_shared_store(apps: list[KmsApp]) -> None:
-    async def go() -> httpx.Response:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=apps[0]), base_url="http://kms.test/") as c:
-            return await c.get("/health")
-
-    response = asyncio.run(go())
+    response = send(apps[0], "GET", "/health")
     assert response.status_code == 200 and response.json()["Status"] == "OK"
 
 
@@ -101,3 +102,15 @@ def test_two_server_processes_on_one_database(servers: list[Server]) -> None:
     assert decrypted.status_code == 200 and decrypted.json()["Plaintext"] == "hi"
     replay = httpx.post(node2.url, params=request)
     assert replay.status_code == 400 and replay.json()["Code"] == "SignatureNonceUsed"
+
+
+def test_a_node_that_cannot_reach_the_database_is_unhealthy(kms_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KMSENV_STORE", f"postgresql://kms@127.0.0.1:{free_port()}/kms")
+    app = KmsApp(ServerConfig(), home=kms_home)
+    try:
+        started = time.monotonic()
+        response = send(app, "GET", "/health")
+        assert response.status_code == 503 and response.json()["Status"] == "Unavailable"
+        assert time.monotonic() - started < 10
+    finally:
+        app.close()

@@ -29,7 +29,7 @@ from kmsenv.kms.pg_nonces import PgNonceStore, open_nonce_store
 from kmsenv.kms.pg_store import PostgresStore, migrate, pg_migrations, read_schema_version, redact
 from kmsenv.kms.service import KmsService, open_service
 from kmsenv.kms.store import SCHEMA_VERSION
-from pg_harness import install_schema, pg_cluster, pg_url, pg_url_factory
+from pg_harness import free_port, install_schema, pg_cluster, pg_url, pg_url_factory
 
 __all__ = ["pg_cluster", "pg_url", "pg_url_factory"]
 
@@ -263,12 +263,8 @@ def test_password_never_shows() -> None:
 # -- failures ------------------------------------------------------------------------------------
 
 
-def test_unreachable_database_fails_fast(kms_home: Path, pg_cluster: Any) -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens here once the socket closes
+def test_unreachable_database_fails_fast(kms_home: Path) -> None:
+    port = free_port()
     started = time.monotonic()
     err = expect_error(
         open_service,
@@ -290,6 +286,20 @@ def test_lost_connections_are_replaced(service_pg: KmsService, shared: str) -> N
             (dbname,),
         )
     assert service_pg.describe_key(key_id=key)["KeyMetadata"]["KeyId"] == key
+
+
+def test_connection_lost_mid_transaction_commits_nothing(service_pg: KmsService, shared: str) -> None:
+    key = service_pg.create_key()["KeyMetadata"]["KeyId"]
+    with psycopg.connect(shared, autocommit=True) as admin:
+        with pytest.raises(KmsError) as info, service_pg.store.transaction(write=True) as tx:
+            record = tx.get_key(key)
+            assert record is not None
+            record.description = "never committed"
+            tx.update_key(record)
+            (pid,) = tx._c.execute("SELECT pg_backend_pid()").fetchone()
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))  # the database side goes away
+        assert info.value.code == "ServiceUnavailableTemporary"
+    assert service_pg.describe_key(key_id=key)["KeyMetadata"]["Description"] == ""
 
 
 def test_lock_held_too_long_is_service_unavailable(
