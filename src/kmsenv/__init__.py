@@ -20,14 +20,19 @@ from kmsenv.errors import (
 )
 
 if TYPE_CHECKING:
-    from kmsenv.clients import EmbeddedKms, Kms
+    from kmsenv.clients import AlibabaKms, EmbeddedKms, Kms
     from kmsenv.envelope import (
+        DataKeyCache,
+        DecryptResult,
         decrypt_file,
+        decrypt_file_result,
         decrypt_stream,
+        decrypt_stream_result,
         encrypt_file,
         encrypt_stream,
         inspect_file,
         migrate_file,
+        rewrap_file,
     )
 
 __version__ = "0.1.0"
@@ -35,10 +40,16 @@ __version__ = "0.1.0"
 #: Public names loaded on first use: the envelope layer imports ``cryptography``, and
 #: ``import kmsenv`` (every CLI start) must stay cheap.
 _LAZY = {
+    "AlibabaKms": "kmsenv.clients",
     "EmbeddedKms": "kmsenv.clients",
     "Kms": "kmsenv.clients",
+    "DataKeyCache": "kmsenv.envelope",
+    "DecryptResult": "kmsenv.envelope",
     "decrypt_file": "kmsenv.envelope",
+    "decrypt_file_result": "kmsenv.envelope",
     "decrypt_stream": "kmsenv.envelope",
+    "decrypt_stream_result": "kmsenv.envelope",
+    "rewrap_file": "kmsenv.envelope",
     "encrypt_file": "kmsenv.envelope",
     "encrypt_stream": "kmsenv.envelope",
     "inspect_file": "kmsenv.envelope",
@@ -60,9 +71,13 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
+
 __all__ = [
+    "AlibabaKms",
     "ConfigError",
     "ContextError",
+    "DataKeyCache",
+    "DecryptResult",
     "EmbeddedKms",
     "FormatError",
     "InputError",
@@ -74,9 +89,12 @@ __all__ = [
     "UsageError",
     "__version__",
     "decrypt_file",
+    "decrypt_file_result",
     "decrypt_stream",
+    "decrypt_stream_result",
     "encrypt_file",
     "encrypt_stream",
     "inspect_file",
     "migrate_file",
+    "rewrap_file",
 ]
