@@ -256,6 +256,7 @@ class PostgresStore:
     def __init__(self, url: str, *, max_connections: int = POOL_MAX) -> None:
         self.url = url
         self.path = redact(url)
+        self._max_connections = max_connections
         _prepare_schema(url, migrate=False)
         self._pool = psycopg_pool.ConnectionPool(
             url,
@@ -263,7 +264,6 @@ class PostgresStore:
             max_size=max_connections,
             kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
             configure=_configure,
-            check=psycopg_pool.ConnectionPool.check_connection,
             timeout=LOCK_TIMEOUT_S,
             name="kmsenv-store",
             open=False,
@@ -280,8 +280,7 @@ class PostgresStore:
     def transaction(self, *, write: bool) -> Iterator[Tx]:
         """Run the block in one transaction: committed if it returns, rolled back if it raises."""
         try:
-            with self._pool.connection() as conn:
-                conn.execute(_BEGIN_WRITE if write else _BEGIN_READ)
+            with self._begin(_BEGIN_WRITE if write else _BEGIN_READ) as conn:
                 try:
                     yield PgTx(conn, write=write)
                 except BaseException:
@@ -292,6 +291,26 @@ class PostgresStore:
         except psycopg.OperationalError as exc:
             # Connection lost or refused, pool exhausted, lock timeout, deadlock: all retryable.
             raise unavailable("store transaction failed on", self.url, exc) from None
+
+    @contextlib.contextmanager
+    def _begin(self, begin: str) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection in a new transaction.
+
+        A connection that broke while idle in the pool (a database restart, an idle timeout on
+        the way) fails at BEGIN, before anything happened: it is discarded (the pool drops broken
+        connections) and BEGIN is tried on the next one, so a restart costs no failed request and
+        no Action pays a check query for it."""
+        for _ in range(self._max_connections + 1):
+            with self._pool.connection() as conn:
+                try:
+                    conn.execute(begin)
+                except psycopg.OperationalError:
+                    if not conn.broken:
+                        raise
+                    continue
+                yield conn
+                return
+        raise psycopg.OperationalError("every pooled connection was broken")
 
     def erase_history(self) -> None:
         """Nothing to do: PostgreSQL has no secure delete. Deleted rows stay in table pages until
