@@ -18,18 +18,22 @@ __all__ = ["add_kms_options", "is_remote", "open_kms"]
 def add_kms_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "KMS selection",
-        "Default: the embedded KMS in KMSENV_HOME. With --endpoint or --profile: a kmsenv server or "
+        "Default: the embedded KMS in KMSENV_HOME. With --endpoint, --profile or --region: a kmsenv server or "
         "Alibaba Cloud KMS through the official SDK and the standard Alibaba credential chain "
         "(ALIBABA_CLOUD_ACCESS_KEY_ID/_SECRET, ~/.aliyun/config.json profiles, STS, RAM roles).",
     )
     group.add_argument("--endpoint", help="host:port of a kmsenv server, or kms.<region>.aliyuncs.com")
     group.add_argument("--insecure-http", action="store_true", help="plain http (loopback endpoints only)")
     group.add_argument("--profile", help="profile in ~/.aliyun/config.json for credentials")
-    group.add_argument("--region", help="region id (default: ALIBABA_CLOUD_REGION_ID or cn-hangzhou)")
+    group.add_argument(
+        "--region", help="region id; alone, selects kms.<region>.aliyuncs.com (default ALIBABA_CLOUD_REGION_ID/cn-hangzhou)"
+    )
 
 
 def is_remote(args: argparse.Namespace) -> bool:
-    return bool(args.endpoint or args.profile)
+    # --region alone means Alibaba Cloud KMS in that region (kms.<region>.aliyuncs.com): the
+    # embedded KMS has its region fixed at creation, so the option has no other meaning.
+    return bool(args.endpoint or args.profile or args.region)
 
 
 def open_kms(args: argparse.Namespace) -> EmbeddedKms | AlibabaKms:
