@@ -143,3 +143,21 @@ def test_cli_kms_endpoint_runs_actions_remotely(server: Server, tmp_path: Path) 
     assert "Forbidden.AliasNotFound" in failed.stderr and "Traceback" not in failed.stderr
     # The local home was never touched.
     assert not (tmp_path / "unused").exists()
+
+
+def test_region_alone_selects_alibaba_cloud(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import argparse
+
+    from kmsenv.cli._kms_options import add_kms_options, open_kms
+
+    monkeypatch.setenv("ALIBABA_CLOUD_ACCESS_KEY_ID", "id")
+    monkeypatch.setenv("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "secret")
+    monkeypatch.setenv("KMSENV_HOME", str(tmp_path / "home"))
+    parser = argparse.ArgumentParser()
+    add_kms_options(parser)
+    kms = open_kms(parser.parse_args(["--region", "cn-shanghai"]))  # builds the client; no call is made
+    assert isinstance(kms, AlibabaKms)
+    assert kms.api.endpoint == "kms.cn-shanghai.aliyuncs.com"
+    local = open_kms(parser.parse_args([]))
+    assert isinstance(local, EmbeddedKms)
+    local.close()

@@ -25,9 +25,7 @@ def add_kms_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--endpoint", help="host:port of a kmsenv server, or kms.<region>.aliyuncs.com")
     group.add_argument("--insecure-http", action="store_true", help="plain http (loopback endpoints only)")
     group.add_argument("--profile", help="profile in ~/.aliyun/config.json for credentials")
-    group.add_argument(
-        "--region", help="region id; alone, selects kms.<region>.aliyuncs.com (default ALIBABA_CLOUD_REGION_ID/cn-hangzhou)"
-    )
+    group.add_argument("--region", help="region id; alone, it selects Alibaba Cloud KMS kms.<region>.aliyuncs.com")
 
 
 def is_remote(args: argparse.Namespace) -> bool:
