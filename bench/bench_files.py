@@ -169,9 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for _ in range(max(5, args.repeat))
         ]
         imp_m, enc_m = statistics.median(imp), statistics.median(enc4)
-        print(
-            f"4 KiB encrypt: {enc_m * 1000:.0f} ms; import AESGCM: {imp_m * 1000:.0f} ms; ratio {enc_m / imp_m:.2f}x"
-        )
+        print(f"4 KiB encrypt: {enc_m * 1000:.0f} ms; import AESGCM: {imp_m * 1000:.0f} ms; ratio {enc_m / imp_m:.2f}x")
         results["small_encrypt"] = {"encrypt_s": enc_m, "import_aesgcm_s": imp_m, "ratio": enc_m / imp_m}
     finally:
         shutil.rmtree(work, ignore_errors=True)

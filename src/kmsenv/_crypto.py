@@ -84,9 +84,10 @@ def scrypt(passphrase: bytes, *, salt: bytes, n: int, r: int, p: int, length: in
 class AesGcm:
     """AES-GCM under one key, with a 12-byte nonce and 16-byte tag.
 
-    Build one per key and reuse it: constructing the OpenSSL context is the expensive part. The
-    AEAD calls release the GIL, so one instance may be used from several threads at once.
-    The repr never shows the key.
+    Build one per key and reuse it: constructing the OpenSSL context is the expensive part. One
+    instance may be used from several threads, but note that cryptography 48 holds the GIL during
+    the AEAD call (measured: two encrypting threads ran at 0.77x one), so threads help only to
+    overlap cipher work with I/O. The repr never shows the key.
     """
 
     __slots__ = ("_aead",)
