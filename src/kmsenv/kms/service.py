@@ -8,6 +8,8 @@ Alibaba error code. Which Action may run in which key state is one table, ``STAT
 
 Time comes from an injectable clock, so rotation and deletion windows are testable without sleeps:
 due rotations and deletions are carried out at the start of the next Action, by whoever calls.
+That check (a store read) is skipped while nothing can have fallen due since the last one — see
+:meth:`KmsService._housekeeping` for exactly when.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import os
 import re
 import secrets
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -57,6 +61,9 @@ MAX_ENCRYPT_PLAINTEXT = 6144
 MAX_DESCRIPTION = 8192
 MAX_PAGE_SIZE = 100
 MAX_PAGE_NUMBER = 2**31 - 1
+#: A housekeeping check stays good for at most this long (monotonic seconds) within one process:
+#: the bound on how late this process notices a rotation another process made due right away.
+HOUSEKEEPING_RECHECK_S = 1.0
 
 _CRYPTO = {
     "Disabled": "Rejected.Disabled",
@@ -194,6 +201,11 @@ class KmsService:
         # Unsealed version material, as ready AEAD objects. Safe to cache: material never changes,
         # and every use re-reads the key row in its transaction, so a destroyed key fails there.
         self._aeads: dict[str, _crypto.AesGcm] = {}
+        # Housekeeping cache: (service-clock second, monotonic time, write generation) of the
+        # last check that found nothing due; ``_writes`` counts this service's write transactions.
+        self._kept: tuple[str, float, int] | None = None
+        self._writes = 0
+        self._kept_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"KmsService(store={self.store.path}, region={self.region})"
@@ -242,15 +254,52 @@ class KmsService:
     @contextmanager
     def _tx(self, *, write: bool) -> Iterator[Tx]:
         self._housekeeping()
-        with self.store.transaction(write=write) as tx:
-            yield tx
+        try:
+            with self.store.transaction(write=write) as tx:
+                yield tx
+        except _OverdueKey as overdue:
+            # Defence in depth: the Action met a key past its DeleteDate (only possible with a
+            # clock that jumped, or nodes whose clocks disagree by days). It was not used: destroy
+            # it now, before answering, and answer as if it had been destroyed first.
+            self._kept = None
+            self._housekeeping()
+            raise overdue.error from None
+        finally:
+            if write:  # committed or not: this process may have made something due
+                with self._kept_lock:
+                    self._writes += 1
 
     def _housekeeping(self) -> None:
-        """Carry out deletions and automatic rotations that have fallen due."""
+        """Carry out deletions and automatic rotations that have fallen due.
+
+        Runs before every Action, but skips its store read when the previous check found nothing
+        due, in the same second of the service clock (due times have one-second resolution), less
+        than ``HOUSEKEEPING_RECHECK_S`` ago, with no write transaction of this service since. So:
+
+        - a clock that moves (a real one each second, an injected one when a test advances it)
+          and any write by this service (which may set a due time in the past) force a check;
+        - another process's change is seen within ``HOUSEKEEPING_RECHECK_S``. For deletion that
+          is always in time: a DeleteDate is at least 7 days after it is set. A rotation another
+          process makes due at once (UpdateRotationPolicy or EnableKey on a key whose rotation is
+          overdue) may be carried out up to that long later by this process;
+        - whatever the cache says, an Action never uses a key past its DeleteDate (``_usable``).
+        """
         now = self.now()
+        kept = self._kept
+        if (
+            kept is not None
+            and kept[0] == now
+            and kept[2] == self._writes
+            and time.monotonic() - kept[1] < HOUSEKEEPING_RECHECK_S
+        ):
+            return
+        writes, started = self._writes, time.monotonic()
         with self.store.transaction(write=False) as tx:
             due = tx.due_key_ids(now)
         if not due:
+            with self._kept_lock:
+                if writes == self._writes:  # no write of ours raced the read: the result stands
+                    self._kept = (now, started, writes)
             return
         destroyed = False
         with self.store.transaction(write=True) as tx:
@@ -294,15 +343,28 @@ class KmsService:
                 ident = resource
             else:
                 raise KmsError.invalid_parameter(param, "The ARN names neither a key nor an alias.")
+        alias_name = None
         if ident.startswith("alias/"):
             alias = tx.get_alias(ident)
             if alias is None:
                 raise KmsError("Forbidden.AliasNotFound", f"The specified Alias is not found: {ident}.")
-            ident = alias.key_id
+            alias_name, ident = ident, alias.key_id
         key = tx.get_key(ident)
         if key is None:
             raise _not_found(ident, tx.deleted_at(ident))
+        self._usable(key, alias_name)
         return key
+
+    def _usable(self, key: KeyRecord, alias_name: str | None = None) -> None:
+        """Refuse a key whose DeleteDate has passed though housekeeping has not destroyed it yet."""
+        if key.delete_date is not None and key.delete_date <= self.now():
+            # What the Action would have met had the key been destroyed first (its aliases go with it).
+            error = (
+                KmsError("Forbidden.AliasNotFound", f"The specified Alias is not found: {alias_name}.")
+                if alias_name is not None
+                else _not_found(key.key_id, key.delete_date)
+            )
+            raise _OverdueKey(error)
 
     @staticmethod
     def _check_state(action: str, key: KeyRecord) -> None:
@@ -374,6 +436,7 @@ class KmsService:
         key = tx.get_key(parsed.key_id)
         if key is None:
             raise _not_found(parsed.key_id, tx.deleted_at(parsed.key_id))
+        self._usable(key)
         self._check_state(action, key)
         aead = self._aead(tx, key.key_id, parsed.key_version_id)
         _stop_if_dry_run(dry_run, action)
@@ -845,6 +908,14 @@ class KmsService:
                 key.next_rotation_date = None
 
         return self._change_key("UpdateRotationPolicy", key_id, change)
+
+
+class _OverdueKey(Exception):
+    """An Action met a key past its DeleteDate; ``error`` is what it answers once it is destroyed."""
+
+    def __init__(self, error: KmsError) -> None:
+        super().__init__(error.code)
+        self.error = error
 
 
 def _stop_if_dry_run(dry_run: bool | None, action: str) -> None:
