@@ -4,13 +4,15 @@ An AccessKey is an id (``LTAI`` + 20 characters, like Alibaba's) and a 30-charac
 once at creation. The secret is stored only sealed under the root key (AAD binds the id), so a
 copied database yields no usable credential. Each AccessKey may carry a RAM-style policy
 (``policy``); none means full access. Every change is one store transaction, so a server reading
-the store sees it on the next request — no restart.
+the store sees it without a restart: on the next request, or — the server's lookups are cached
+for ``cache_s`` (1 s) per process — within that time.
 """
 
 from __future__ import annotations
 
 import secrets
 import string
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +26,9 @@ if TYPE_CHECKING:
 __all__ = ["AccessKeys", "Credential"]
 
 _ALPHABET = string.ascii_letters + string.digits
+#: At most this many credentials are cached (only AccessKeys that exist are, so unknown ids a
+#: client makes up cannot grow it); beyond it the cache starts over.
+_CACHE_MAX = 1024
 
 
 def _random_text(n: int) -> str:
@@ -48,10 +53,17 @@ def _not_found(access_key_id: str) -> KmsError:
 
 
 class AccessKeys:
-    """AccessKey management over a service's store and root key."""
+    """AccessKey management over a service's store and root key.
 
-    def __init__(self, service: KmsService) -> None:
+    ``cache_s`` > 0 caches what :meth:`lookup` found for that many seconds (monotonic) in this
+    object: a status or policy change, or a deletion, made elsewhere (the CLI, another worker)
+    then applies within ``cache_s``; one made through this object applies at once.
+    """
+
+    def __init__(self, service: KmsService, *, cache_s: float = 0.0) -> None:
         self._service = service
+        self._cache_s = cache_s
+        self._cache: dict[str, tuple[float, Credential]] = {}
 
     def _aad(self, access_key_id: str) -> bytes:
         return f"access-key:{access_key_id}".encode("ascii")
@@ -84,6 +96,7 @@ class AccessKeys:
             return [self._public(r) for r in tx.list_access_keys()]
 
     def _update(self, access_key_id: str, **changes: Any) -> dict[str, Any]:
+        self._cache.pop(access_key_id, None)
         with self._service.store.transaction(write=True) as tx:
             rec = tx.get_access_key(access_key_id)
             if rec is None:
@@ -101,6 +114,7 @@ class AccessKeys:
         return self._update(access_key_id, policy=parse_policy(policy).source if policy is not None else None)
 
     def delete(self, access_key_id: str) -> None:
+        self._cache.pop(access_key_id, None)
         with self._service.store.transaction(write=True) as tx:
             if tx.get_access_key(access_key_id) is None:
                 raise _not_found(access_key_id)
@@ -108,12 +122,23 @@ class AccessKeys:
 
     def lookup(self, access_key_id: str) -> Credential | None:
         """The credential for request verification, or None if no such AccessKey exists."""
+        if self._cache_s > 0:
+            hit = self._cache.get(access_key_id)
+            if hit is not None and time.monotonic() - hit[0] < self._cache_s:
+                return hit[1]
+        read_at = time.monotonic()  # the entry's age counts from before the read: never too young
         with self._service.store.transaction(write=False) as tx:
             rec = tx.get_access_key(access_key_id)
         if rec is None:
+            self._cache.pop(access_key_id, None)
             return None
         secret = self._service.root_key.unseal(
             rec.sealed_secret, aad=self._aad(access_key_id), what="AccessKey secret"
         ).decode("ascii")
         policy = parse_policy(rec.policy) if rec.policy is not None else None
-        return Credential(rec.access_key_id, secret, rec.status == "Active", policy)
+        credential = Credential(rec.access_key_id, secret, rec.status == "Active", policy)
+        if self._cache_s > 0:
+            if len(self._cache) >= _CACHE_MAX:
+                self._cache.clear()
+            self._cache[access_key_id] = (read_at, credential)
+        return credential
