@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from kmsenv.envelope import (
         DataKeyCache,
         DecryptResult,
+        EncryptedReader,
         decrypt_file,
         decrypt_file_result,
         decrypt_stream,
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
         encrypt_stream,
         inspect_file,
         migrate_file,
+        open_encrypted,
         rewrap_file,
     )
 
@@ -45,6 +47,8 @@ _LAZY = {
     "Kms": "kmsenv.clients",
     "DataKeyCache": "kmsenv.envelope",
     "DecryptResult": "kmsenv.envelope",
+    "EncryptedReader": "kmsenv.envelope",
+    "open_encrypted": "kmsenv.envelope",
     "decrypt_file": "kmsenv.envelope",
     "decrypt_file_result": "kmsenv.envelope",
     "decrypt_stream": "kmsenv.envelope",
@@ -79,6 +83,7 @@ __all__ = [
     "DataKeyCache",
     "DecryptResult",
     "EmbeddedKms",
+    "EncryptedReader",
     "FormatError",
     "InputError",
     "IntegrityError",
@@ -96,5 +101,6 @@ __all__ = [
     "encrypt_stream",
     "inspect_file",
     "migrate_file",
+    "open_encrypted",
     "rewrap_file",
 ]

@@ -51,19 +51,24 @@ from kmsenv.errors import (
 )
 from kmsenv.format import legacy
 from kmsenv.format.header import MAGIC_PREFIX, chunk_log2, encode_context
+from kmsenv.format.random_access import EncryptedReader, Layout, decrypt_ranges, encrypt_ranges
+from kmsenv.format.stream import _write_all
 
 __all__ = [
     "DataKeyCache",
     "DecryptResult",
+    "EncryptedReader",
     "StanzaOutcome",
     "decrypt_file",
     "decrypt_file_result",
+    "decrypt_range",
     "decrypt_stream",
     "decrypt_stream_result",
     "encrypt_file",
     "encrypt_stream",
     "inspect_file",
     "migrate_file",
+    "open_encrypted",
     "rewrap_file",
 ]
 
@@ -517,11 +522,20 @@ def _encrypt(
     threads: int,
     cache: DataKeyCache | None,
     size_hint: int = 0,
+    positional: bool = False,
 ) -> int:
+    """Header, then the payload: streamed, or (``positional``: ``src`` and ``dst`` are regular
+    files and ``src`` holds exactly ``size_hint`` bytes) in chunk ranges on ``threads`` threads."""
     header, file_key, lease = _new_file_key(kms, key_ids, ctx, chunk_size=chunk_size, cache=cache, size_hint=size_hint)
     with _os_errors():
         dst.write(header.encode())
-        n = fmt.encrypt_stream(src, dst, file_key, chunk_size=chunk_size, threads=threads)
+        if positional:
+            dst.flush()  # the chunks go round the buffer, by pwrite at their offsets
+            layout = Layout(header.size, chunk_size, size_hint)
+            encrypt_ranges(src.fileno(), dst.fileno(), file_key, layout, threads=threads)
+            n = size_hint
+        else:
+            n = fmt.encrypt_stream(src, dst, file_key, chunk_size=chunk_size, threads=threads)
     if lease is not None:
         lease.settle(n)
     return n
@@ -606,22 +620,10 @@ def decrypt_stream_result(
     named = {key_ref(k) for k in names}  # UsageError for aliases, before any I/O or KMS call
     head, src = _sniff(src)
     if fmt.looks_like_v1(head) or head.startswith(MAGIC_PREFIX):
-        header = fmt.read_header(src)  # also words an unknown version or a bad header precisely
-        _require_context(header.context, required)
-        opened = _unwrap(kms, header, names, discovery)
+        header, opened = _open_v1(src, kms, required, names, discovery)
         with _os_errors():
             size = fmt.decrypt_stream(src, dst, opened.file_key, chunk_size=header.chunk_size, threads=threads)
-        stanza = header.stanzas[opened.index]
-        return DecryptResult(
-            size,
-            "kmsenv",
-            dict(header.context),
-            opened.key_id,
-            opened.key_version_id,
-            key_arn=stanza.key_arn,
-            stanza=opened.index + 1,
-            outcomes=opened.outcomes,
-        )
+        return _v1_result(size, header, opened)
     if legacy.looks_like_legacy(head):
         parsed = legacy.read_legacy(src)
         _require_context({}, required)  # the sample bound no context
@@ -637,7 +639,47 @@ def decrypt_stream_result(
     raise FormatError(_NOT_KMSENV, hint=_NOT_KMSENV_HINT)
 
 
+def _open_v1(
+    src: BinaryIO, kms: Kms, required: Mapping[str, str], names: Sequence[str], discovery: bool
+) -> tuple[fmt.Header, Opened]:
+    """Read a v1 header from ``src``, check the required context, unwrap and open the header."""
+    header = fmt.read_header(src)  # also words an unknown version or a bad header precisely
+    _require_context(header.context, required)
+    return header, _unwrap(kms, header, names, discovery)
+
+
+def _v1_result(size: int, header: fmt.Header, opened: Opened) -> DecryptResult:
+    stanza = header.stanzas[opened.index]
+    return DecryptResult(
+        size,
+        "kmsenv",
+        dict(header.context),
+        opened.key_id,
+        opened.key_version_id,
+        key_arn=stanza.key_arn,
+        stanza=opened.index + 1,
+        outcomes=opened.outcomes,
+    )
+
+
 # ------------------------------------------------------------------------------ files --
+
+
+#: What ``threads=None`` means for the streaming engine (encryption: a writer thread).
+_STREAM_THREADS = 2
+
+
+def _stream_threads(threads: int | None) -> int:
+    return _STREAM_THREADS if threads is None else threads
+
+
+def _ranges(st: os.stat_result, threads: int | None, minimum: int = 0) -> bool:
+    """Whether to split a file into chunk ranges: ``threads`` >= 2 asked for explicitly, and a
+    regular file of more than ``minimum`` bytes. Pipes and special files stream; so does a
+    default call (``threads=None``): ranges did not measure reliably faster here, see
+    docs/scale.md. ``minimum``: for encryption, one chunk (less has nothing to split, and
+    ``/proc`` or sysfs files, whose size is not their length, say 0 or 4096)."""
+    return threads is not None and threads >= 2 and stat.S_ISREG(st.st_mode) and st.st_size > minimum
 
 
 def encrypt_file(
@@ -649,7 +691,7 @@ def encrypt_file(
     context: Mapping[str, str] | None = None,
     chunk_size: int = fmt.DEFAULT_CHUNK_SIZE,
     force: bool = False,
-    threads: int = 2,
+    threads: int | None = None,
     cache: DataKeyCache | None = None,
 ) -> int:
     """Encrypt the file ``src`` into a new file ``dst`` (see :func:`encrypt_stream`).
@@ -657,6 +699,9 @@ def encrypt_file(
     ``dst`` appears complete or not at all; an existing ``dst`` is replaced only with ``force``
     (OutputError otherwise, and it is left unchanged). ``dst`` may not be ``src``. With a
     ``cache``, the file's size counts towards the data key's byte limit before it is used.
+    ``threads``: None (default) streams with a writer thread; 1 streams in this thread; N >= 2
+    splits a regular file into chunk ranges encrypted by N threads (``pread``/``pwrite``, about
+    2 chunks of memory per thread) — byte-identical output; pipes and special files stream.
     Returns the number of plaintext bytes.
     """
     ctx = _context(context)
@@ -672,9 +717,10 @@ def encrypt_file(
             key_ids=key_ids,
             ctx=ctx,
             chunk_size=chunk_size,
-            threads=threads,
+            threads=_stream_threads(threads),
             cache=cache,
             size_hint=size_hint,
+            positional=_ranges(st, threads, chunk_size),
         )
 
 
@@ -687,14 +733,16 @@ def decrypt_file(
     key_ids: Sequence[str] | None = None,
     discovery: bool = False,
     force: bool = False,
-    threads: int = 2,
+    threads: int | None = None,
 ) -> int:
     """Decrypt the file ``src`` (v1 or legacy) into a new file ``dst``, mode 0600.
 
     ``context``: pairs that must be in the file's context (ContextError otherwise);
     ``key_ids``/``discovery``: which wrapped keys are tried (see :func:`decrypt_stream`). ``dst``
     appears only after every byte authenticated, never replaces an existing file without
-    ``force``, and nothing remains of it on failure. Returns the number of plaintext bytes.
+    ``force``, and nothing remains of it on failure. ``threads``: None (default) or 1 decrypts
+    in this thread; N >= 2 decrypts a regular v1 file's chunk ranges on N threads, each chunk
+    written (``pwrite``) only once verified. Returns the number of plaintext bytes.
     """
     return decrypt_file_result(
         src, dst, kms=kms, context=context, key_ids=key_ids, discovery=discovery, force=force, threads=threads
@@ -710,14 +758,121 @@ def decrypt_file_result(
     key_ids: Sequence[str] | None = None,
     discovery: bool = False,
     force: bool = False,
-    threads: int = 2,
+    threads: int | None = None,
 ) -> DecryptResult:
     """:func:`decrypt_file`, returning a :class:`DecryptResult` (which key opened the file)."""
     required = _context(context)
+    names = tuple(key_ids or ())
+    for name in names:
+        key_ref(name)  # UsageError for aliases, before any I/O or KMS call
     with _file_to_file(src, dst, force=force, mode=PRIVATE_MODE) as (fin, out):
+        st = os.fstat(fin.fileno())
+        # _ranges first: it admits only regular files, which _sniff reads without consuming.
+        if _ranges(st, threads) and fmt.looks_like_v1(_sniff(fin)[0]):
+            header, opened = _open_v1(fin, kms, required, names, discovery)
+            # The size alone says where every chunk is, and whether the file was truncated or
+            # extended (IntegrityError here, before any chunk is read).
+            layout = Layout.of_file(header.size, header.chunk_size, st.st_size)
+            with _os_errors():
+                decrypt_ranges(fin.fileno(), out.fileno(), opened.file_key, layout, threads=threads or 1)
+            return _v1_result(layout.plaintext_size, header, opened)
         return decrypt_stream_result(
-            fin, out, kms=kms, context=required, key_ids=key_ids, discovery=discovery, threads=threads
+            fin, out, kms=kms, context=required, key_ids=key_ids, discovery=discovery, threads=_stream_threads(threads)
         )
+
+
+# ------------------------------------------------------------------------------ random access --
+
+
+def open_encrypted(
+    path: StrPath,
+    *,
+    kms: Kms,
+    context: Mapping[str, str] | None = None,
+    key_ids: Sequence[str] | None = None,
+    discovery: bool = False,
+) -> EncryptedReader:
+    """Open the v1 file ``path`` for reading its plaintext at any offset: an :class:`EncryptedReader`.
+
+    On return the header is authenticated (data key unwrapped as :func:`decrypt_file` would,
+    commitment and tag checked, ``context`` required as there) and the final chunk verified, so
+    ``size`` is the authenticated plaintext size: a truncated or extended file fails here
+    (IntegrityError). Each read then verifies only the chunks it touches and never returns bytes
+    of one whose tag fails. A legacy file cannot be read this way (FormatError: it is a single
+    whole-file record); nor can a pipe (InputError). Use it as a context manager, or close it.
+    """
+    required = _context(context)
+    names = tuple(key_ids or ())
+    for name in names:
+        key_ref(name)
+    with open_input(path) as (fin, st):
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"{os.fspath(path)} is not a regular file", hint="random access needs a seekable file")
+        head, _ = _sniff(fin)
+        if not (fmt.looks_like_v1(head) or head.startswith(MAGIC_PREFIX)):
+            if legacy.looks_like_legacy(head):
+                raise FormatError(
+                    "a legacy file is one whole-file record: it cannot be read by offset",
+                    hint="`kmsenv migrate` converts it to v1, or decrypt it whole",
+                )
+            raise FormatError(_NOT_KMSENV, hint=_NOT_KMSENV_HINT)
+        header, opened = _open_v1(fin, kms, required, names, discovery)
+        layout = Layout.of_file(header.size, header.chunk_size, st.st_size)
+        # Its own descriptor: the reader outlives this block, which closes ``fin``.
+        raw = os.fdopen(os.dup(fin.fileno()), "rb", buffering=0)
+    return EncryptedReader(raw, opened.file_key, layout, name=os.fspath(path))
+
+
+def decrypt_range(
+    src: StrPath,
+    dst: StrPath | BinaryIO,
+    *,
+    kms: Kms,
+    offset: int = 0,
+    length: int | None = None,
+    context: Mapping[str, str] | None = None,
+    key_ids: Sequence[str] | None = None,
+    discovery: bool = False,
+    force: bool = False,
+) -> int:
+    """Write the plaintext bytes ``offset .. offset + length`` of the v1 file ``src`` to ``dst``.
+
+    ``length`` None means to the end. Only the chunks in the range (and the final chunk, on
+    open) are read and verified (see :func:`open_encrypted`). A range that does not lie within
+    the plaintext is a UsageError, after the file opened (its size is known only then). ``dst``
+    is a path (an atomic output, mode 0600, as :func:`decrypt_file`: nothing of it remains on
+    any failure) or a binary stream (verified chunks are written as they come). Returns the
+    number of bytes written.
+    """
+    if offset < 0 or (length is not None and length < 0):
+        raise UsageError("offset and length must not be negative")
+    if isinstance(dst, str | os.PathLike):
+        with contextlib.suppress(OSError):  # open_encrypted reports the input's own problems
+            _check_distinct(os.stat(src), dst)
+        with AtomicOutput(dst, force=force, mode=PRIVATE_MODE) as out:
+            return decrypt_range(
+                src, out, kms=kms, offset=offset, length=length, context=context, key_ids=key_ids, discovery=discovery
+            )
+    with open_encrypted(src, kms=kms, context=context, key_ids=key_ids, discovery=discovery) as reader:
+        size = reader.size
+        if offset > size:
+            raise UsageError(f"the offset {offset} is past the end of the plaintext ({size} bytes)")
+        if length is None:
+            length = size - offset
+        elif offset + length > size:
+            raise UsageError(
+                f"the range {offset}+{length} ends past the end of the plaintext ({size} bytes)",
+                hint="leave out --length to read to the end",
+            )
+        reader.seek(offset)
+        buffer = memoryview(bytearray(min(length, reader.chunk_size)))
+        done = 0
+        with _os_errors():
+            while done < length:
+                n = reader.readinto(buffer[: min(len(buffer), length - done)])
+                _write_all(dst, buffer[:n])
+                done += n
+        return done
 
 
 def migrate_file(
@@ -952,19 +1107,13 @@ def _v1_facts(header: fmt.Header, file_size: int | None) -> dict[str, Any]:
 def _plaintext_layout(payload: int, chunk_size: int) -> dict[str, Any]:
     """Chunk count and plaintext size that a payload of this length must hold, if any.
 
-    Every chunk but the last is full (``chunk_size`` + tag); the last has 0..chunk_size bytes
-    plus its tag, and is empty only when it is the only one. A length that fits no such layout
-    means the file was truncated or extended (decryption will fail; inspect does not decrypt).
+    A length that fits no layout (:meth:`Layout.of_payload`) means the file was truncated or
+    extended (decryption will fail; inspect does not decrypt).
     """
-    record = chunk_size + fmt.CHUNK_TAG_SIZE
-    full, rest = divmod(payload, record)
-    if rest == 0 and full > 0:
-        chunks, plain = full, full * chunk_size
-    elif rest >= fmt.CHUNK_TAG_SIZE and not (rest == fmt.CHUNK_TAG_SIZE and full > 0):
-        chunks, plain = full + 1, full * chunk_size + rest - fmt.CHUNK_TAG_SIZE
-    else:
+    layout = Layout.of_payload(0, chunk_size, payload)
+    if layout is None:
         return {"chunks": None, "plaintext_size": None, "problem": "the payload length fits no valid chunk layout"}
-    return {"chunks": chunks, "plaintext_size": plain}
+    return {"chunks": layout.chunks, "plaintext_size": layout.plaintext_size}
 
 
 def _legacy_facts(parsed: legacy.LegacyFile, file_size: int | None) -> dict[str, Any]:

@@ -150,9 +150,10 @@ def _add_tree_options(parser: argparse.ArgumentParser, recursive: str) -> None:
         "-j",
         "--jobs",
         type=_jobs,
-        default=DEFAULT_JOBS,
+        default=None,
         metavar="N",
-        help=f"with -r: files at once (default {DEFAULT_JOBS})",
+        help=f"with -r: files at once (default {DEFAULT_JOBS}); on one file: N >= 2 threads work on its chunk "
+        "ranges (a regular file; stdin streams), 1 one thread (default: the streaming engine)",
     )
     group.add_argument(
         "--progress", action="store_true", help="with -r: a status line on stderr, redrawn as files finish"
@@ -250,6 +251,15 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     _add_context(p, "pair that must be in the file's encryption context, else exit 8")
     _add_output(p, "INPUT without .cipher, or INPUT.decrypted; stdout for stdin")
     _add_key_selection(p)
+    group = p.add_argument_group(
+        "range", "Decrypt only part of the plaintext: only the chunks it covers (and the final chunk) are verified."
+    )
+    group.add_argument(
+        "--offset", type=_size, default=None, metavar="N", help="first plaintext byte to write (K/M/G suffixes)"
+    )
+    group.add_argument(
+        "--length", type=_size, default=None, metavar="M", help="bytes to write (default: to the end; K/M/G suffixes)"
+    )
     _add_tree_options(
         p, "decrypt every *.cipher file below the folder INPUT into the folder -o OUTDIR, removing .cipher"
     )
@@ -394,7 +404,7 @@ def _encrypt(args: argparse.Namespace) -> int:
     facts = {"key_ids": list(args.key_id), "context": context}
     if args.recursive:
 
-        def encrypt_one(kms: Kms, src: str, dst: str, threads: int) -> dict[str, Any]:
+        def encrypt_one(kms: Kms, src: str, dst: str, threads: int | None) -> dict[str, Any]:
             n = envelope.encrypt_file(src, dst, kms=kms, force=args.force, threads=threads, **options)
             if args.verbose:
                 note(f"{_show(src)} -> {_show(dst)}")
@@ -405,7 +415,7 @@ def _encrypt(args: argparse.Namespace) -> int:
     with _metadata(args.metadata_output, output) as meta, kms_from_args(args) as kms:
         with meta.one_file("encrypt", args.input, output) as record:
             if STDIO not in (args.input, output):
-                n = envelope.encrypt_file(args.input, output, kms=kms, force=args.force, **options)
+                n = envelope.encrypt_file(args.input, output, kms=kms, force=args.force, threads=args.jobs, **options)
             else:
                 with _source(args.input) as src, _sink(output, force=args.force, mode=None, binary=True) as dst:
                     n = envelope.encrypt_stream(src, dst, kms=kms, **options)
@@ -433,9 +443,15 @@ def _decrypt(args: argparse.Namespace) -> int:
     for name in args.key_id or ():
         envelope.key_ref(name)  # an alias is a usage error once, not once per file
     options: dict[str, Any] = {"context": context, "key_ids": args.key_id, "discovery": args.discovery}
+    ranged = args.offset is not None or args.length is not None
+    if ranged and (args.recursive or args.input == STDIO):
+        raise UsageError(
+            "--offset/--length read one file at chosen places: not with -r or stdin",
+            hint="decrypt the whole stream, or save it to a file first",
+        )
     if args.recursive:
 
-        def decrypt_one(kms: Kms, src: str, dst: str, threads: int) -> dict[str, Any]:
+        def decrypt_one(kms: Kms, src: str, dst: str, threads: int | None) -> dict[str, Any]:
             result = envelope.decrypt_file_result(src, dst, kms=kms, force=args.force, threads=threads, **options)
             if args.verbose:
                 note(f"{_show(src)}: {describe_key(result)}")
@@ -445,8 +461,18 @@ def _decrypt(args: argparse.Namespace) -> int:
     output = args.output or default_decrypt_output(args.input)
     with _metadata(args.metadata_output, output) as meta, kms_from_args(args) as kms:
         with meta.one_file("decrypt", args.input, output) as record:
+            if ranged:
+                sink = sys.stdout.buffer if output == STDIO else output
+                n = envelope.decrypt_range(
+                    args.input, sink, kms=kms, offset=args.offset or 0, length=args.length, force=args.force, **options
+                )
+                _flush_stdout(output)
+                record.update(offset=args.offset or 0, length=n, output_size=_size_of(output))
+                return 0
             if STDIO not in (args.input, output):
-                result = envelope.decrypt_file_result(args.input, output, kms=kms, force=args.force, **options)
+                result = envelope.decrypt_file_result(
+                    args.input, output, kms=kms, force=args.force, threads=args.jobs, **options
+                )
             else:
                 with (
                     _source(args.input) as src,
@@ -461,7 +487,7 @@ def _decrypt(args: argparse.Namespace) -> int:
 
 
 #: (kms, input file, output file, stream threads) -> metadata fields; raises KmsenvError.
-_FileWork = Callable[["Kms", str, str, int], dict[str, Any]]
+_FileWork = Callable[["Kms", str, str, int | None], dict[str, Any]]
 
 
 def _run_tree(args: argparse.Namespace, work: _FileWork, *, decrypt: bool, cache: DataKeyCache | None) -> int:
@@ -474,9 +500,10 @@ def _run_tree(args: argparse.Namespace, work: _FileWork, *, decrypt: bool, cache
         raise UsageError("-r works on folders, not stdin/stdout")
     check_roots(args.input, args.output)
     operation, verb = ("decrypt", "decrypted") if decrypt else ("encrypt", "encrypted")
+    jobs = args.jobs or DEFAULT_JOBS
     # Files run side by side: the streams inside each run inline (a writer thread each would
-    # only add hand-offs); a single job keeps the default two-thread stream.
-    threads = 2 if args.jobs == 1 else 1
+    # only add hand-offs); a single job keeps the default engine.
+    threads = None if jobs == 1 else 1
     with _metadata(args.metadata_output) as meta, kms_from_args(args) as kms:
 
         def task(item: TreeItem) -> Task:
@@ -498,7 +525,7 @@ def _run_tree(args: argparse.Namespace, work: _FileWork, *, decrypt: bool, cache
             meta=meta,
             operation=operation,
             verb=verb,
-            jobs=args.jobs,
+            jobs=jobs,
             progress=args.progress,
         )
     if cache is not None and args.verbose:
