@@ -1,4 +1,4 @@
-"""The server's per-process AccessKey cache (``AccessKeys(cache_s=...)``) and thread pool size.
+"""The server's per-process AccessKey cache (``AccessKeys(cache_s=...)``) and request pool size.
 
 A change made elsewhere (the CLI, another worker) applies within ``cache_s``; one made through the
 caching object applies at once; unknown AccessKeyIds are never cached; without ``cache_s`` every
@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import anyio.to_thread
 import pytest
 
 from kmsenv.kms import access as access_module
@@ -112,7 +111,8 @@ def test_the_server_caches_for_at_most_a_second_and_runs_a_small_pool(kms_home: 
             await asyncio.sleep(0.01)
         task.cancel()
         assert sent == [{"type": "lifespan.startup.complete"}]
-        return int(anyio.to_thread.current_default_thread_limiter().total_tokens)
+        assert app._pool is not None
+        return int(app._pool._max_workers)
 
     try:
         assert asyncio.run(lifespan()) == app_module.POOL_THREADS

@@ -23,19 +23,20 @@ stall the event loop. Every request, refused or not, gets one access-log line an
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote_plus
 
-import anyio.to_thread
 from starlette.concurrency import run_in_threadpool
 
 from kmsenv.errors import KmsError
@@ -56,6 +57,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 Clock = Callable[[], datetime]
+T = TypeVar("T")
 
 _log = logging.getLogger("kmsenv.server")
 _access = logging.getLogger("kmsenv.server.access")
@@ -64,8 +66,8 @@ JSON_TYPE = b"application/json;charset=utf-8"
 #: How long a worker keeps an AccessKey it looked up: a disable, enable, delete or policy change
 #: made with ``kmsenv access-key`` applies to requests within this many seconds.
 CREDENTIAL_CACHE_S = 1.0
-#: Thread-pool size of a worker process (anyio's default is 40). Measured at concurrency 16,
-#: 2 workers: 4 threads gave the best throughput and p99; 1 thread was clearly worse.
+#: Threads per worker process that run requests' blocking work (anyio's pool has 40). Measured
+#: at concurrency 16, 2 workers: 4 threads gave the best throughput and p99; 1 was clearly worse.
 POOL_THREADS = 4
 FORM_TYPE = "application/x-www-form-urlencoded"
 
@@ -192,6 +194,7 @@ class KmsApp:
         self._clock = clock or (lambda: datetime.now(UTC))
         self._state: _State | None = None
         self._state_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
 
     # -- lifecycle: each worker process opens its own handles; shutdown closes them.
     def _open_state(self) -> _State:
@@ -201,6 +204,9 @@ class KmsApp:
             return self._state
 
     def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)  # requests already handed to it finish, audit record included
         with self._state_lock:
             if self._state is not None:
                 self._state.close()
@@ -210,9 +216,7 @@ class KmsApp:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                # A few pool threads: a request is sub-millisecond work under one GIL, and anyio's
-                # default of 40 threads only makes requests queue on the GIL and the store lock.
-                anyio.to_thread.current_default_thread_limiter().total_tokens = POOL_THREADS
+                self._request_pool()
                 try:
                     await run_in_threadpool(self._open_state)
                 except Exception as exc:
@@ -245,7 +249,7 @@ class KmsApp:
         # audit record — happens in ONE thread-pool call: each hop between the event loop and a
         # pool thread costs ~0.1-0.2 ms of CPU and a GIL hand-over (docs/performance.md).
         if ex.path == "/health" and ex.method == "GET":
-            status, payload = await run_in_threadpool(self._serve_health, ex)
+            status, payload = await self._blocking(self._serve_health, ex)
         else:
             req: signature.Request | None = None
             failure: Exception | None = None
@@ -253,11 +257,11 @@ class KmsApp:
                 req = await self._receive(scope, headers, receive, ex)
             except _ClientGone:
                 ex.status, ex.code = 499, "ClientClosedRequest"
-                await run_in_threadpool(self._finish, ex)
+                await self._blocking(self._finish, ex)
                 return
             except Exception as exc:
                 failure = exc
-            status, payload = await run_in_threadpool(self._serve, ex, req, failure)
+            status, payload = await self._blocking(self._serve, ex, req, failure)
         await send(
             {
                 "type": "http.response.start",
@@ -270,6 +274,19 @@ class KmsApp:
             }
         )
         await send({"type": "http.response.body", "body": payload})
+
+    def _request_pool(self) -> ThreadPoolExecutor:
+        # A few threads: a request is sub-millisecond work under one GIL, and more threads only
+        # make requests queue on the GIL and the store lock.
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="kmsenv-request")
+        return self._pool
+
+    async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` in the request pool. A plain executor hop costs less CPU than anyio's
+        ``to_thread`` (capacity limiter, cancel scopes); if the awaiting task is cancelled, the
+        call still runs to its end — its access-log line and audit record included."""
+        return await asyncio.get_running_loop().run_in_executor(self._request_pool(), fn, *args)
 
     def _serve(self, ex: _Exchange, req: signature.Request | None, failure: Exception | None) -> tuple[int, bytes]:
         """The blocking part of an API request (in a pool thread): the call, its logs, the JSON."""
