@@ -24,12 +24,15 @@ stall the event loop. Every request, refused or not, gets one access-log line an
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -94,6 +97,36 @@ class _Exchange:
     code: str = "OK"
 
 
+class _NonceGate:
+    """Serialises nonce claims on one ``nonces.db`` across this home's worker processes.
+
+    Two workers inserting at once make SQLite answer "busy" to one of them, whose busy handler
+    then *sleeps* (1, 2, 5, 10 ... ms) before retrying: with 2 workers, ~10 % of claims waited
+    > 1 ms and p99 was 6-8 ms (max 0.3 s). Taking a kernel lock (``flock``, woken at once on
+    release) around each claim means SQLite never finds the file busy: p99 0.2-1.2 ms. Replay
+    protection itself is unchanged: the nonce table's primary key still decides.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._lock = threading.Lock()  # flock is per open file: threads of one process need this too
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        with self._lock:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
 @dataclass(slots=True)
 class _State:
     """Per-process handles on the KMS home, opened at startup and closed at shutdown."""
@@ -102,6 +135,7 @@ class _State:
     access_keys: AccessKeys
     nonces: NonceStore | PgNonceStore
     audit: AuditLog
+    nonce_gate: _NonceGate | None = None
 
     @classmethod
     def open(cls, home: Path, config: ServerConfig) -> _State:
@@ -109,12 +143,22 @@ class _State:
         try:
             nonces = open_nonce_store(service.store, home)
             audit = AuditLog(config.audit_path(home))
+            gate = _NonceGate(home / "nonces.lock") if isinstance(nonces, NonceStore) else None
         except BaseException:
             service.close()
             raise
-        return cls(service, AccessKeys(service, cache_s=CREDENTIAL_CACHE_S), nonces, audit)
+        return cls(service, AccessKeys(service, cache_s=CREDENTIAL_CACHE_S), nonces, audit, gate)
+
+    def claim_nonce(self, access_key_id: str, nonce: str) -> bool:
+        """Claim the nonce for the AccessKey; False if it was used within the window."""
+        if self.nonce_gate is None:
+            return self.nonces.claim(access_key_id, nonce, window_s=signature.SKEW_S)
+        with self.nonce_gate.held():
+            return self.nonces.claim(access_key_id, nonce, window_s=signature.SKEW_S)
 
     def close(self) -> None:
+        if self.nonce_gate is not None:
+            self.nonce_gate.close()
         self.audit.close()
         self.nonces.close()
         self.service.close()
@@ -381,7 +425,7 @@ class KmsApp:
         if not credential.active:
             raise KmsError("Forbidden.AccessKey", "The specified AccessKey is disabled.")
         # Replay: a captured request re-sent within the clock window carries a used nonce.
-        if not state.nonces.claim(signed.access_key_id, signed.nonce, window_s=signature.SKEW_S):
+        if not state.claim_nonce(signed.access_key_id, signed.nonce):
             raise KmsError("SignatureNonceUsed", "Specified signature nonce was used already.")
         authorize(state.service, credential.policy, action, params)
         response = dispatch(state.service, action, params)
