@@ -15,10 +15,8 @@ access — the documented default for kmsenv AccessKeys.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
 from kmsenv.errors import KmsError
 
@@ -29,14 +27,39 @@ _MAX_STATEMENTS = 100
 _MAX_ENTRIES = 200
 
 
-@lru_cache(maxsize=4096)
-def _pattern(glob: str, ignore_case: bool) -> re.Pattern[str]:
-    parts = (".*" if c == "*" else "." if c == "?" else re.escape(c) for c in glob)
-    return re.compile("".join(parts), re.IGNORECASE | re.DOTALL if ignore_case else re.DOTALL)
+def _glob_match(glob: str, value: str) -> bool:
+    """Whether ``value`` matches ``glob`` (``*`` any run, ``?`` one character), in O(len × len).
+
+    Not a regular expression: ``.*`` groups backtrack exponentially in their number, and the
+    value is the request's KeyId (client-chosen), so a policy with a dozen ``*`` and a long KeyId
+    took minutes per request with ``re`` (found writing the policy fuzz target;
+    tests/test_fuzz_findings.py). This is the
+    classic greedy matcher: on a mismatch, retry from the last ``*`` one character further on.
+    """
+    g = v = 0
+    star, mark = -1, 0
+    while v < len(value):
+        if g < len(glob) and glob[g] == "*":
+            star, mark = g, v
+            g += 1
+        elif g < len(glob) and (glob[g] == "?" or glob[g] == value[v]):
+            g += 1
+            v += 1
+        elif star >= 0:
+            g, mark = star + 1, mark + 1
+            v = mark
+        else:
+            return False
+    while g < len(glob) and glob[g] == "*":
+        g += 1
+    return g == len(glob)
 
 
 def _matches(globs: Sequence[str], value: str, *, ignore_case: bool) -> bool:
-    return any(_pattern(g, ignore_case).fullmatch(value) for g in globs)
+    if ignore_case:
+        value = value.lower()
+        return any(_glob_match(g.lower(), value) for g in globs)
+    return any(_glob_match(g, value) for g in globs)
 
 
 @dataclass(frozen=True, slots=True)
