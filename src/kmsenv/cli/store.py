@@ -1,4 +1,5 @@
-"""``kmsenv store migrate|check-version|export|import``: the KMS store's schema, backup and restore.
+"""``kmsenv store migrate|check-version|check|export|import``: the KMS store's schema, integrity,
+backup and restore.
 
 Every command works on the store a KMS would use: ``--store URL``, else ``KMSENV_STORE``, else the
 SQLite ``kms.db`` in ``KMSENV_HOME`` (see docs/cluster.md).
@@ -35,6 +36,15 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "check-version",
         "compare the store's schema version with this kmsenv's; exit 0 only if they match",
         _check_version,
+    )
+    check = add(
+        "check",
+        "verify every sealed key version and AccessKey opens under the root key, aliases point at live keys, "
+        "and the audit chain is whole; exit 0 only if all hold",
+        _check,
+    )
+    check.add_argument(
+        "--audit-log", type=Path, metavar="FILE", help="the audit log to verify (default: audit.jsonl in KMSENV_HOME)"
     )
     export = add("export", "write the whole KMS (sealed material, no root key) to a file, mode 0600", _export)
     export.add_argument("-o", "--output", type=Path, required=True, metavar="FILE")
@@ -81,6 +91,22 @@ def _check_version(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"the KMS store {where} has schema version {version}; this kmsenv needs {SCHEMA_VERSION}",
             hint="run `kmsenv store migrate`",
+        )
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from kmsenv.errors import IntegrityError
+    from kmsenv.kms.check import check_store
+
+    report = check_store(_home(), store=args.store, audit_log=args.audit_log)
+    for problem in report.problems:
+        print(f"problem: {problem}")
+    print(f"store {report.where}: checked {report.summary()}")
+    if not report.ok:
+        raise IntegrityError(
+            f"the KMS store {report.where} failed {len(report.problems)} check(s)",
+            hint="restore from a backup (kmsenv store import) or check KMSENV_ROOT_KEY_FILE",
         )
     return 0
 
