@@ -1,0 +1,360 @@
+"""Crash-safety matrix: ``kill -9`` at random moments during every command that writes.
+
+For each operation, many trials: run the real CLI as a subprocess, SIGKILL it after a random delay
+drawn from [0, 1.2 × its uninterrupted run time] (so kills land in start-up, mid-work and around the
+commit), then check the invariants of docs/security.md, "Crash safety":
+
+* the target path holds nothing, or the complete, correct result (it decrypts/verifies);
+* no temporary file survives (except the one documented window, counted and checked complete);
+* the source is intact (same bytes);
+* the KMS store passes ``kmsenv store check`` (:func:`kmsenv.kms.check.check_store`).
+
+Trials per operation: ``KMSENV_CRASH_TRIALS`` (default 6, keeping the set within ~60 s on CI; the
+longer run of docs/security.md used 40). Each test prints its tally (nothing / complete outcomes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from kms_helpers import kmsenv_env
+from kmsenv import envelope
+from kmsenv._atomic import TEMP_SUFFIX
+from kmsenv.clients import EmbeddedKms
+from kmsenv.kms.check import check_store
+from kmsenv.kms.service import open_service
+
+pytestmark = pytest.mark.slow
+
+TRIALS = int(os.environ.get("KMSENV_CRASH_TRIALS", "6"))
+SIZE = 3 * 1024 * 1024
+ALIAS = "alias/Crash/Key"
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _leftovers(folder: Path, expected: set[str]) -> list[str]:
+    """Entries of ``folder`` (recursively) that are neither expected nor a store file."""
+    found = []
+    for p in folder.rglob("*"):
+        rel = str(p.relative_to(folder))
+        if rel not in expected and not p.is_dir():
+            found.append(rel)
+    return sorted(found)
+
+
+@dataclass
+class World:
+    home: Path
+    plain: Path
+    cipher: Path
+    legacy: Path
+    export: Path
+    digest: str
+    key_id: str
+
+    def kms(self) -> EmbeddedKms:
+        return EmbeddedKms(self.home)
+
+    def decrypts_to_plain(self, cipher: Path, tmp: Path) -> bool:
+        out = tmp / f"verify-{random.getrandbits(32):08x}"
+        kms = self.kms()
+        try:
+            envelope.decrypt_file(cipher, out, kms=kms)
+            return _sha(out) == self.digest
+        finally:
+            kms.service.close()
+            out.unlink(missing_ok=True)
+
+    def assert_store_sound(self, home: Path | None = None) -> None:
+        report = check_store(home or self.home)
+        assert report.ok, report.problems
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    base = tmp_path_factory.mktemp("crash")
+    home = base / "home"
+    old = os.environ.get("KMSENV_HOME")
+    service = open_service(home, announce=False)
+    key_id = service.create_key()["KeyMetadata"]["KeyId"]
+    service.create_alias(alias_name=ALIAS, key_id=key_id)
+    kms = EmbeddedKms(service=service)
+    plain = base / "plain.bin"
+    plain.write_bytes(os.urandom(SIZE))
+    cipher = base / "plain.bin.cipher"
+    envelope.encrypt_file(plain, cipher, kms=kms, key_id=ALIAS, chunk_size=64 * 1024)
+    # A legacy file as the reference sample writes it.
+    from files_helpers import KmsGenerateDataKey, LocalEncrypt
+
+    legacy = base / "legacy.txt"
+    data_key, blob = KmsGenerateDataKey(kms, ALIAS)
+    LocalEncrypt(data_key, blob, plain, legacy)
+    service.close()
+    export = base / "export.json"
+    from kmsenv.kms.store_io import export_store
+
+    export_store(home, export)
+    yield World(home, plain, cipher, legacy, export, _sha(plain), key_id)
+    if old is not None:
+        os.environ["KMSENV_HOME"] = old
+
+
+def _run(args: list[str], home: Path, delay: float | None, **env: str) -> int | None:
+    """Run the CLI; kill -9 after ``delay`` seconds (None: let it finish). Returns its exit code,
+    or None if it was killed."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kmsenv", *args],
+        env=kmsenv_env(home, **env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    if delay is None:
+        return proc.wait(timeout=120)
+    try:
+        return proc.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return None
+
+
+def _matrix(
+    name: str,
+    world: World,
+    tmp: Path,
+    prepare: Callable[[Path], list[str]],
+    check: Callable[[Path, int | None], str],
+    *,
+    env: Callable[[Path], dict[str, str]] | None = None,
+) -> Counter[str]:
+    """``prepare(trial_dir)`` returns the CLI arguments; ``check(trial_dir, rc)`` the outcome name."""
+    rng = random.Random(os.environ.get("KMSENV_CRASH_SEED", name))
+    timing = tmp / "timing"
+    timing.mkdir()
+    started = time.perf_counter()
+    rc = _run(prepare(timing), world.home, None, **(env(timing) if env else {}))
+    full = time.perf_counter() - started
+    assert rc == 0, f"{name}: the uninterrupted run failed ({rc})"
+    check(timing, rc)
+    tally: Counter[str] = Counter()
+    for trial in range(TRIALS):
+        where = tmp / f"t{trial}"
+        where.mkdir()
+        args = prepare(where)
+        rc = _run(args, world.home, rng.uniform(0, 1.2 * full), **(env(where) if env else {}))
+        tally[check(where, rc)] += 1
+    world.assert_store_sound()
+    print(f"\n{name}: {TRIALS} trials, full run {full:.2f} s: {dict(tally)}")
+    return tally
+
+
+# ---------------------------------------------------------------------------------------- files --
+def test_encrypt(world: World, tmp_path: Path) -> None:
+    def prepare(d: Path) -> list[str]:
+        return ["encrypt", "--key-id", ALIAS, "--chunk-size", "65536", str(world.plain), "-o", str(d / "out.cipher")]
+
+    def check(d: Path, rc: int | None) -> str:
+        assert _sha(world.plain) == world.digest
+        out = d / "out.cipher"
+        assert _leftovers(d, {"out.cipher"}) == []
+        if not out.exists():
+            assert rc is None
+            return "nothing"
+        assert world.decrypts_to_plain(out, d.parent)
+        return "complete"
+
+    _matrix("encrypt", world, tmp_path, prepare, check)
+
+
+def test_decrypt(world: World, tmp_path: Path) -> None:
+    before = _sha(world.cipher)
+
+    def prepare(d: Path) -> list[str]:
+        return ["decrypt", str(world.cipher), "-o", str(d / "out")]
+
+    def check(d: Path, rc: int | None) -> str:
+        assert _sha(world.cipher) == before
+        assert _leftovers(d, {"out"}) == []
+        out = d / "out"
+        if not out.exists():
+            assert rc is None
+            return "nothing"
+        assert _sha(out) == world.digest
+        assert out.stat().st_mode & 0o777 == 0o600
+        return "complete"
+
+    _matrix("decrypt", world, tmp_path, prepare, check)
+
+
+def test_folder_encrypt(world: World, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    files = {f"f{i}.bin": os.urandom(256 * 1024) for i in range(4)} | {"sub/g.bin": os.urandom(512 * 1024)}
+    for rel, data in files.items():
+        (tree / rel).write_bytes(data)
+
+    def prepare(d: Path) -> list[str]:
+        return ["encrypt", "-r", "--key-id", ALIAS, "--chunk-size", "65536", str(tree), "-o", str(d / "out")]
+
+    def check(d: Path, rc: int | None) -> str:
+        expected = {f"{rel}.cipher" for rel in files}
+        out = d / "out"
+        present = set()
+        if out.exists():
+            assert _leftovers(out, expected) == []
+            present = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+        for rel, data in files.items():
+            assert (tree / rel).read_bytes() == data
+            if f"{rel}.cipher" in present:
+                plain = d / "check.bin"
+                kms = world.kms()
+                try:
+                    envelope.decrypt_file(out / f"{rel}.cipher", plain, kms=kms)
+                finally:
+                    kms.service.close()
+                assert plain.read_bytes() == data
+                plain.unlink()
+        if rc is None:
+            return "complete" if present == expected else ("nothing" if not present else "some files")
+        assert rc == 0 and present == expected
+        return "complete"
+
+    _matrix("folder encrypt", world, tmp_path, prepare, check)
+
+
+def test_rewrap(world: World, tmp_path: Path) -> None:
+    """In place: the file is the old one, byte for byte, or a new one that decrypts the same."""
+    service = open_service(world.home, announce=False)
+    second = service.create_key()["KeyMetadata"]["KeyId"]
+    service.close()
+    original = world.cipher.read_bytes()
+    windows = 0
+
+    def prepare(d: Path) -> list[str]:
+        target = d / "file.cipher"
+        target.write_bytes(original)
+        return ["rewrap", "--key-id", second, str(target)]
+
+    def check(d: Path, rc: int | None) -> str:
+        nonlocal windows
+        target = d / "file.cipher"
+        extra = _leftovers(d, {"file.cipher"})
+        # The documented window (_atomic.py, force path): the complete new file linked under its
+        # temporary name, not yet renamed. It must be complete and valid, never partial.
+        for name in extra:
+            assert name.startswith(".file.cipher.") and name.endswith(TEMP_SUFFIX), extra
+            assert world.decrypts_to_plain(d / name, d.parent)
+            windows += 1
+        data = target.read_bytes()
+        if data == original:
+            assert rc is None
+            return "old"
+        assert world.decrypts_to_plain(target, d.parent)
+        return "new"
+
+    tally = _matrix("rewrap", world, tmp_path, prepare, check)
+    print(f"rewrap: temporary file left in the link-then-rename window: {windows} of {sum(tally.values())}")
+
+
+def test_legacy_migrate(world: World, tmp_path: Path) -> None:
+    before = _sha(world.legacy)
+
+    def prepare(d: Path) -> list[str]:
+        return ["migrate", str(world.legacy), "-o", str(d / "out.cipher")]
+
+    def check(d: Path, rc: int | None) -> str:
+        assert _sha(world.legacy) == before
+        assert _leftovers(d, {"out.cipher"}) == []
+        out = d / "out.cipher"
+        if not out.exists():
+            assert rc is None
+            return "nothing"
+        assert world.decrypts_to_plain(out, d.parent)
+        return "complete"
+
+    _matrix("migrate", world, tmp_path, prepare, check)
+
+
+# ------------------------------------------------------------------------------------ the store --
+def _versions(home: Path, key_id: str) -> int:
+    service = open_service(home, announce=False)
+    try:
+        return int(service.list_key_versions(key_id=key_id, page_size=100)["TotalCount"])
+    finally:
+        service.close()
+
+
+def test_key_rotation(world: World, tmp_path: Path) -> None:
+    """CreateKeyVersion killed: zero or one new version, the store sound, old files still open."""
+    count = [_versions(world.home, world.key_id)]
+
+    def prepare(d: Path) -> list[str]:
+        count[0] = _versions(world.home, world.key_id)
+        return ["kms", "CreateKeyVersion", "--KeyId", world.key_id]
+
+    def check(d: Path, rc: int | None) -> str:
+        now = _versions(world.home, world.key_id)
+        assert now in (count[0], count[0] + 1)
+        world.assert_store_sound()
+        assert world.decrypts_to_plain(world.cipher, d)
+        return "rotated" if now == count[0] + 1 else "nothing"
+
+    _matrix("key rotation", world, tmp_path, prepare, check)
+
+
+def test_store_import(world: World, tmp_path: Path) -> None:
+    """Import killed: the target store is empty (and a re-run imports) or complete and sound."""
+    root_key = str(world.home / "root.key")
+
+    def prepare(d: Path) -> list[str]:
+        return ["store", "import", str(world.export)]
+
+    def env(d: Path) -> dict[str, str]:
+        return {"KMSENV_HOME": str(d / "home"), "KMSENV_ROOT_KEY_FILE": root_key}
+
+    def keys_in(home: Path) -> int:
+        service = open_service(home, announce=False)
+        try:
+            return int(service.list_keys(page_size=100)["TotalCount"])
+        finally:
+            service.close()
+
+    import json
+
+    expected = len(json.loads(world.export.read_text())["keys"])
+
+    def check(d: Path, rc: int | None) -> str:
+        home = d / "home"
+        assert _leftovers(d, {"home/kms.db", "home/kms.db-wal", "home/kms.db-shm"}) == []
+        db = home / "kms.db"
+        os.environ["KMSENV_ROOT_KEY_FILE"] = root_key
+        try:
+            if db.exists() and check_store(home).ok:
+                assert keys_in(home) == expected
+                return "complete"
+            assert rc is None
+            # Nothing usable was written: the import can simply be run again.
+            assert _run(prepare(d), world.home, None, **env(d)) == 0
+            assert check_store(home).ok and keys_in(home) == expected
+            return "nothing"
+        finally:
+            del os.environ["KMSENV_ROOT_KEY_FILE"]
+            shutil.rmtree(home, ignore_errors=True)
+
+    _matrix("store import", world, tmp_path, prepare, check, env=env)
