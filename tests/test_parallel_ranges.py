@@ -223,3 +223,25 @@ def test_cli_jobs_with_a_pipe_streams(big: Path, key: str, kms_home: Path) -> No
         [*run, "decrypt", "--jobs", "2", "-"], input=enc.stdout, capture_output=True, env=env, check=False
     )
     assert (dec.returncode, dec.stdout == big.read_bytes()) == (0, True)
+
+
+def test_decrypting_a_regular_file_uses_ranges_by_default(
+    tmp_path: Path, big: Path, kms: EmbeddedKms, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    enc = tmp_path / "e"
+    envelope.encrypt_file(big, enc, kms=kms, key_id=key, chunk_size=CHUNK)
+    workers: list[int] = []
+    real = envelope.decrypt_ranges
+
+    def spy(*args: Any, threads: int) -> None:
+        workers.append(threads)
+        real(*args, threads=threads)
+
+    monkeypatch.setattr(envelope, "decrypt_ranges", spy)
+    for name, threads in (("d0", None), ("d1", 1), ("d3", 3)):
+        envelope.decrypt_file(enc, tmp_path / name, kms=kms, threads=threads)
+        assert (tmp_path / name).read_bytes() == big.read_bytes()
+    assert workers == [2, 1, 3]
+    with enc.open("rb") as piped:  # a stream (what a pipe gives) never takes this path
+        envelope.decrypt_stream(piped, io.BytesIO(), kms=kms)
+    assert workers == [2, 1, 3]
