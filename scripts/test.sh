@@ -42,3 +42,35 @@ echo "== mypy --strict"
 export ALIBABA_CLOUD_ECS_METADATA_DISABLED=true
 echo "== pytest"
 .venv/bin/python -m pytest -q "$@"
+
+# Fuzz-target smoke run: each atheris target for a few seconds from its seeds (the hypothesis
+# versions already ran above; long runs: docs/security.md). Skipped when atheris has no wheel here.
+if .venv/bin/python -m pip install --quiet atheris >/dev/null 2>&1; then
+  echo "== fuzz smoke (atheris, ${KMSENV_FUZZ_SECONDS:-3} s per target)"
+  smoke_log=$(mktemp)
+  for target in header stream legacy blob request policy; do
+    .venv/bin/python tests/fuzz/run.py "$target" --seconds "${KMSENV_FUZZ_SECONDS:-3}" >/dev/null 2>"$smoke_log" \
+      || { cat "$smoke_log" >&2; rm -f "$smoke_log"; exit 1; }
+  done
+  rm -f "$smoke_log"
+else
+  echo "== fuzz smoke skipped: atheris does not install here"
+fi
+
+# Known vulnerabilities in the installed dependencies (PyPI's advisory data, over the network).
+# Fatal when a vulnerability is reported; a network failure only warns (it must not make CI
+# flaky), and packages PyPI does not know (a local mirror's builds) are listed as skipped.
+# KMSENV_SKIP_PIP_AUDIT=1 skips it (offline machines).
+if [ "${KMSENV_SKIP_PIP_AUDIT:-0}" != 1 ]; then
+  echo "== pip-audit"
+  .venv/bin/python -m pip install --quiet pip-audit >/dev/null
+  if audit=$(.venv/bin/python -m pip_audit --progress-spinner off --skip-editable 2>&1); then
+    echo "$audit" | head -1
+  elif grep -qE "Found [0-9]+ known vulnerabilit" <<<"$audit"; then
+    echo "$audit" >&2
+    exit 1
+  else
+    echo "scripts/test.sh: warning: pip-audit could not check the dependencies (network?):" >&2
+    echo "$audit" | tail -3 >&2
+  fi
+fi
