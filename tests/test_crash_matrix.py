@@ -145,13 +145,15 @@ def _matrix(
 ) -> Counter[str]:
     """``prepare(trial_dir)`` returns the CLI arguments; ``check(trial_dir, rc)`` the outcome name."""
     rng = random.Random(os.environ.get("KMSENV_CRASH_SEED", name))
-    timing = tmp / "timing"
-    timing.mkdir()
-    started = time.perf_counter()
-    rc = _run(prepare(timing), world.home, None, **(env(timing) if env else {}))
-    full = time.perf_counter() - started
-    assert rc == 0, f"{name}: the uninterrupted run failed ({rc})"
-    check(timing, rc)
+    full = 0.0
+    for n in range(2):  # the slower of two uninterrupted runs: one can be lucky on a busy machine
+        timing = tmp / f"timing{n}"
+        timing.mkdir()
+        started = time.perf_counter()
+        rc = _run(prepare(timing), world.home, None, **(env(timing) if env else {}))
+        full = max(full, time.perf_counter() - started)
+        assert rc == 0, f"{name}: the uninterrupted run failed ({rc})"
+        check(timing, rc)
     tally: Counter[str] = Counter()
     for trial in range(TRIALS):
         where = tmp / f"t{trial}"
@@ -341,7 +343,10 @@ def test_store_import(world: World, tmp_path: Path) -> None:
 
     def check(d: Path, rc: int | None) -> str:
         home = d / "home"
-        assert _leftovers(d, {"home/kms.db", "home/kms.db-wal", "home/kms.db-shm"}) == []
+        # kms.db-journal: SQLite's own rollback journal, left when the kill lands while the new
+        # store is created (before WAL mode is on); the next open rolls it back (checked below).
+        store_files = {"home/kms.db", "home/kms.db-wal", "home/kms.db-shm", "home/kms.db-journal"}
+        assert _leftovers(d, store_files) == []
         db = home / "kms.db"
         os.environ["KMSENV_ROOT_KEY_FILE"] = root_key
         try:
