@@ -167,19 +167,25 @@ def _matrix(
 
 
 # ---------------------------------------------------------------------------------------- files --
+def _cipher_outcome(world: World, d: Path, rc: int | None, source: Path, source_sha: str) -> str:
+    """``d/out.cipher`` is absent (and the run was killed) or decrypts to the plaintext; the
+    source is unchanged; nothing else is in ``d``."""
+    assert _sha(source) == source_sha
+    assert _leftovers(d, {"out.cipher"}) == []
+    out = d / "out.cipher"
+    if not out.exists():
+        assert rc is None
+        return "nothing"
+    assert world.decrypts_to_plain(out, d.parent)
+    return "complete"
+
+
 def test_encrypt(world: World, tmp_path: Path) -> None:
     def prepare(d: Path) -> list[str]:
         return ["encrypt", "--key-id", ALIAS, "--chunk-size", "65536", str(world.plain), "-o", str(d / "out.cipher")]
 
     def check(d: Path, rc: int | None) -> str:
-        assert _sha(world.plain) == world.digest
-        out = d / "out.cipher"
-        assert _leftovers(d, {"out.cipher"}) == []
-        if not out.exists():
-            assert rc is None
-            return "nothing"
-        assert world.decrypts_to_plain(out, d.parent)
-        return "complete"
+        return _cipher_outcome(world, d, rc, world.plain, world.digest)
 
     _matrix("encrypt", world, tmp_path, prepare, check)
 
@@ -281,14 +287,7 @@ def test_legacy_migrate(world: World, tmp_path: Path) -> None:
         return ["migrate", str(world.legacy), "-o", str(d / "out.cipher")]
 
     def check(d: Path, rc: int | None) -> str:
-        assert _sha(world.legacy) == before
-        assert _leftovers(d, {"out.cipher"}) == []
-        out = d / "out.cipher"
-        if not out.exists():
-            assert rc is None
-            return "nothing"
-        assert world.decrypts_to_plain(out, d.parent)
-        return "complete"
+        return _cipher_outcome(world, d, rc, world.legacy, before)
 
     _matrix("migrate", world, tmp_path, prepare, check)
 
