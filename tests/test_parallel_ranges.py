@@ -225,7 +225,7 @@ def test_cli_jobs_with_a_pipe_streams(big: Path, key: str, kms_home: Path) -> No
     assert (dec.returncode, dec.stdout == big.read_bytes()) == (0, True)
 
 
-def test_decrypting_a_regular_file_uses_ranges_by_default(
+def test_decrypt_uses_ranges_only_when_asked(
     tmp_path: Path, big: Path, kms: EmbeddedKms, key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     enc = tmp_path / "e"
@@ -241,7 +241,7 @@ def test_decrypting_a_regular_file_uses_ranges_by_default(
     for name, threads in (("d0", None), ("d1", 1), ("d3", 3)):
         envelope.decrypt_file(enc, tmp_path / name, kms=kms, threads=threads)
         assert (tmp_path / name).read_bytes() == big.read_bytes()
-    assert workers == [2, 1, 3]
+    assert workers == [3]  # None and 1 stream (the measured-no-slower, simpler path)
     with enc.open("rb") as piped:  # a stream (what a pipe gives) never takes this path
-        envelope.decrypt_stream(piped, io.BytesIO(), kms=kms)
-    assert workers == [2, 1, 3]
+        envelope.decrypt_stream(piped, io.BytesIO(), kms=kms, threads=3)
+    assert workers == [3]

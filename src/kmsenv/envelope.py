@@ -667,23 +667,20 @@ def _v1_result(size: int, header: fmt.Header, opened: Opened) -> DecryptResult:
 
 #: What ``threads=None`` means for the streaming engine (encryption: a writer thread).
 _STREAM_THREADS = 2
-#: What ``threads=None`` means for decrypting a regular file: two threads over chunk ranges.
-#: Positional decryption measured 2-3x faster than the stream on 1 GiB with fsync, even with one
-#: thread (docs/scale.md, "Large files"); the second thread adds little on 2 vCPUs but no cost.
-_DECRYPT_RANGE_THREADS = 2
 
 
 def _stream_threads(threads: int | None) -> int:
     return _STREAM_THREADS if threads is None else threads
 
 
-def _encrypt_ranges(st: os.stat_result, threads: int | None, chunk_size: int) -> bool:
-    """Whether to encrypt a file in chunk ranges: ``threads`` >= 2 asked for explicitly, and a
-    regular file of more than one chunk. Pipes and special files stream; so does a default call
-    (``threads=None``): ranges did not measure faster than the stream's writer thread for
-    encryption (docs/scale.md, "Large files"). Under one chunk there is nothing to split, and
-    ``/proc`` or sysfs files, whose size is not their length, say 0 or 4096."""
-    return threads is not None and threads >= 2 and stat.S_ISREG(st.st_mode) and st.st_size > chunk_size
+def _ranges(st: os.stat_result, threads: int | None, minimum: int = 0) -> bool:
+    """Whether to split a file into chunk ranges: ``threads`` >= 2 asked for explicitly, and a
+    regular file of more than ``minimum`` bytes. Pipes and special files stream; so does a
+    default call (``threads=None``): ranges did not measure reliably faster on the 2-vCPU test
+    machine (docs/scale.md, "Large files"). ``minimum``: for encryption, one chunk (less has
+    nothing to split, and ``/proc`` or sysfs files, whose size is not their length, say 0 or
+    4096)."""
+    return threads is not None and threads >= 2 and stat.S_ISREG(st.st_mode) and st.st_size > minimum
 
 
 def encrypt_file(
@@ -724,7 +721,7 @@ def encrypt_file(
             threads=_stream_threads(threads),
             cache=cache,
             size_hint=size_hint,
-            positional=_encrypt_ranges(st, threads, chunk_size),
+            positional=_ranges(st, threads, chunk_size),
         )
 
 
@@ -744,10 +741,10 @@ def decrypt_file(
     ``context``: pairs that must be in the file's context (ContextError otherwise);
     ``key_ids``/``discovery``: which wrapped keys are tried (see :func:`decrypt_stream`). ``dst``
     appears only after every byte authenticated, never replaces an existing file without
-    ``force``, and nothing remains of it on failure. A regular v1 file is decrypted by chunk
-    ranges on ``threads`` threads (None: 2), each chunk read with ``pread`` and written with
-    ``pwrite`` only once verified; a truncated or extended file fails before any chunk is read.
-    Pipes and legacy files stream. Returns the number of plaintext bytes.
+    ``force``, and nothing remains of it on failure. ``threads``: None (default) or 1 decrypts
+    in this thread (streaming); N >= 2 decrypts a regular v1 file's chunk ranges on N threads,
+    each chunk written (``pwrite``) only once verified, a truncated or extended file failing
+    before any chunk is read. Returns the number of plaintext bytes.
     """
     return decrypt_file_result(
         src, dst, kms=kms, context=context, key_ids=key_ids, discovery=discovery, force=force, threads=threads
@@ -772,15 +769,14 @@ def decrypt_file_result(
         key_ref(name)  # UsageError for aliases, before any I/O or KMS call
     with _file_to_file(src, dst, force=force, mode=PRIVATE_MODE) as (fin, out):
         st = os.fstat(fin.fileno())
-        # Regular files only: _sniff reads them without consuming (a pipe would lose its head).
-        if stat.S_ISREG(st.st_mode) and fmt.looks_like_v1(_sniff(fin)[0]):
+        # _ranges first: it admits only regular files, which _sniff reads without consuming.
+        if _ranges(st, threads) and fmt.looks_like_v1(_sniff(fin)[0]):
             header, opened = _open_v1(fin, kms, required, names, discovery)
             # The size alone says where every chunk is, and whether the file was truncated or
             # extended (IntegrityError here, before any chunk is read).
             layout = Layout.of_file(header.size, header.chunk_size, st.st_size)
             with _os_errors():
-                workers = _DECRYPT_RANGE_THREADS if threads is None else threads
-                decrypt_ranges(fin.fileno(), out.fileno(), opened.file_key, layout, threads=workers)
+                decrypt_ranges(fin.fileno(), out.fileno(), opened.file_key, layout, threads=threads or 1)
             return _v1_result(layout.plaintext_size, header, opened)
         return decrypt_stream_result(
             fin, out, kms=kms, context=required, key_ids=key_ids, discovery=discovery, threads=_stream_threads(threads)

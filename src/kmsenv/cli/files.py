@@ -152,8 +152,8 @@ def _add_tree_options(parser: argparse.ArgumentParser, recursive: str) -> None:
         type=_jobs,
         default=None,
         metavar="N",
-        help=f"with -r: files at once (default {DEFAULT_JOBS}); on one regular file: threads working on its "
-        "chunk ranges (decrypt default 2; encrypt default: the streaming engine, ranges with N >= 2); stdin streams",
+        help=f"with -r: files at once (default {DEFAULT_JOBS}); on one regular file: N >= 2 threads work on its "
+        "chunk ranges, 1 one thread (default: the streaming engine); stdin always streams",
     )
     group.add_argument(
         "--progress", action="store_true", help="with -r: a status line on stderr, redrawn as files finish"
