@@ -373,3 +373,16 @@ def test_tls_and_graceful_stop(tmp_path: Path) -> None:
         # re-raises the SIGTERM it caught, so the exit status is the signal's.
         assert tls.proc.wait(timeout=10) in (0, -signal.SIGTERM)
     assert "Application shutdown complete" in tls.log.read_text()
+
+
+def test_audit_records_the_real_peer_not_x_forwarded_for(server: Server) -> None:
+    """A local client must not choose the client address the audit trail records."""
+    marker = f"spoof-{uuid.uuid4().hex[:8]}"
+    params = _signed(server, "DescribeKey", {"KeyId": marker})
+    response = httpx.post(server.url, params=params, headers={"X-Forwarded-For": "203.0.113.9"})
+    assert response.status_code == 404
+    records = [json.loads(line) for line in (server.home / "audit.jsonl").read_text().splitlines()]
+    mine = [r for r in records if marker in json.dumps(r)]
+    assert mine, "no audit record for the request"
+    assert all(r["client"].startswith("127.0.0.1") for r in mine), mine
+    assert "203.0.113.9" not in json.dumps(mine)

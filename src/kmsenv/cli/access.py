@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "access-key",
         help="manage the AccessKeys that sign requests to a kmsenv server",
         description="Manage AccessKeys of the KMS in KMSENV_HOME. Secrets are stored sealed under the root "
-        "key and shown once, at creation. Changes reach a running server on its next request.",
+        "key and shown once, at creation. Changes reach a running server within 1 second.",
     )
     actions = parser.add_subparsers(dest="access_action", metavar="ACTION")
     actions.required = True

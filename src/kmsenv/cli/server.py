@@ -140,6 +140,9 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=False,
         log_level=config.log_level,
         server_header=False,
+        # uvicorn trusts X-Forwarded-For from 127.0.0.1 by default: any local client could then
+        # choose the client address the audit records. kmsenv audits the peer it actually sees.
+        proxy_headers=False,
         timeout_graceful_shutdown=30,
     )
     return 0
