@@ -18,7 +18,7 @@ from kmsenv.cli._kms_options import add_kms_options, open_kms
 __all__ = ["register"]
 
 
-def register(sub: argparse._SubParsersAction[Any]) -> None:
+def register(sub: argparse._SubParsersAction[Any], *, with_actions: bool = True) -> None:
     from kmsenv.kms.actions import ACTIONS
 
     kms = sub.add_parser(
@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     actions = kms.add_subparsers(dest="action", metavar="ACTION", title="Actions")
     actions.required = True
+    if not with_actions:  # another command runs: listing ``kms`` in the top-level help is enough
+        return
     for action in ACTIONS.values():
         parser = actions.add_parser(action.name, help=action.summary, description=action.summary)
         for param in action.params:
