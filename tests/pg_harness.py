@@ -9,6 +9,11 @@ PostgreSQL is an error, never a skip: ``scripts/test.sh`` installs it.
 
 Test modules import the fixtures: ``pg_cluster`` (one per session, shared by every module),
 ``pg_url`` (a new empty database per test) and ``pg_url_factory`` (more of them).
+
+For tests of several ``kmsenv server`` processes on one database: :func:`start_node` starts one
+(its own home and port, a given root key), :func:`kill_node` ``kill -9``s it; ``Cluster.restart``
+and ``Cluster.kill`` stop the database server itself (immediate mode: a crash, as far as the
+database's clients can tell).
 """
 
 from __future__ import annotations
@@ -21,9 +26,12 @@ import itertools
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -79,20 +87,19 @@ class Cluster:
             os.chown(self.dir, account.pw_uid, account.pw_gid)
         atexit.register(self.stop)
         self._run("initdb", "-D", str(self.data), "-U", self.user, "--auth=trust", "-E", "UTF8", "--no-sync")
-        options = " ".join(
+        self._options = " ".join(
             [
                 "-c listen_addresses=127.0.0.1",
                 f"-c port={self.port}",
                 f"-c unix_socket_directories={self.dir}",
                 "-c max_connections=300",
-                # A throwaway cluster: nothing to keep across a crash, so skip the disk flushes.
+                # A throwaway cluster: nothing to keep across a crash of the machine, so skip the
+                # disk flushes. (A killed server process loses nothing: the OS keeps its writes.)
                 "-c fsync=off",
                 "-c full_page_writes=off",
             ]
         )
-        self._run(
-            "pg_ctl", "-D", str(self.data), "-l", str(self.dir / "server.log"), "-w", "-t", "60", "-o", options, "start"
-        )
+        self.start()
 
     def _run(self, tool: str, *args: str) -> None:
         command = [str(self.bin / tool), *args]
@@ -113,6 +120,17 @@ class Cluster:
         with psycopg.connect(self.url(), autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}" {options}')
         return self.url(name)
+
+    def _ctl(self, *args: str) -> None:
+        self._run("pg_ctl", "-D", str(self.data), *args)
+
+    def kill(self) -> None:
+        """Stop the server without a checkpoint (``-m immediate``): its clients see a crash."""
+        self._ctl("-m", "immediate", "-w", "stop")
+
+    def start(self) -> None:
+        """Start the server (again after :meth:`kill`: same port, WAL recovery runs first)."""
+        self._ctl("-l", str(self.dir / "server.log"), "-w", "-t", "60", "-o", self._options, "start")
 
     def stop(self) -> None:
         if self._stopped:
@@ -161,3 +179,102 @@ def pg_url_factory(pg_cluster: Cluster) -> Callable[[], str]:
 @pytest.fixture
 def pg_url(pg_url_factory: Callable[[], str]) -> str:
     return pg_url_factory()
+
+
+# ------------------------------------------------------------------------------- server nodes --
+def node_env(home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a node or CLI run: the caller's, minus its KMSENV_* settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KMSENV_")}
+    env["KMSENV_HOME"] = str(home)
+    env["ALIBABA_CLOUD_ECS_METADATA_DISABLED"] = "true"
+    env.update(extra)
+    return env
+
+
+def kmsenv(home: Path, *args: str, check: bool = True, **extra: str) -> subprocess.CompletedProcess[str]:
+    """``python -m kmsenv <args>`` with ``KMSENV_HOME=home`` (and ``extra`` variables)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "kmsenv", *args],
+        env=node_env(home, **extra),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if check and result.returncode != 0:
+        raise RuntimeError(f"kmsenv {' '.join(args)} failed ({result.returncode}): {result.stderr}")
+    return result
+
+
+class Node:
+    """One ``kmsenv server`` process: its home, port, process and log."""
+
+    def __init__(self, root: Path, args: tuple[str, ...], extra_env: dict[str, str], port: int | None = None) -> None:
+        self.root = root
+        self.home = root / "home"
+        self.args = args
+        self.extra_env = extra_env
+        self.port = port or free_port()
+        self.log = root / "server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.endpoint}/"
+
+    def start(self, timeout: float = 60) -> Node:
+        import httpx
+
+        command = [sys.executable, "-m", "kmsenv", "server", "--host", "127.0.0.1", "--port", str(self.port)]
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [*command, *self.args],
+                env=node_env(self.home, **self.extra_env),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # kill_node takes its workers with it
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the node exited ({self.proc.returncode}): {self.log.read_text()[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}health", timeout=2).status_code == 200:
+                    return self
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"the node did not become ready: {self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """``kill -9`` the node and its workers (its process group)."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        """SIGTERM (graceful), then SIGKILL if it takes too long."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def start_node(
+    root: Path, *args: str, root_key: Path | None = None, port: int | None = None, **extra_env: str
+) -> Node:
+    """Start ``kmsenv server <args>`` with its home in ``root/home`` (given ``root_key``, copied in
+    0600), on a free loopback port; returns once ``/health`` answers 200."""
+    home = root / "home"
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if root_key is not None and not (home / "root.key").exists():
+        shutil.copy2(root_key, home / "root.key")
+        (home / "root.key").chmod(0o600)
+    return Node(root, args, extra_env, port).start()

@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--config",
         type=Path,
         metavar="FILE",
-        help="TOML file of settings (host, port, workers, tls_cert, tls_key, max_body, audit_log, log_level)",
+        help="TOML file of settings (host, port, workers, tls_cert, tls_key, max_body, audit_log, log_level, store)",
     )
     parser.add_argument("--host", help="address to listen on (KMSENV_SERVER_HOST; default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="TCP port (KMSENV_SERVER_PORT; default 8080)")
@@ -47,6 +47,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--log-level",
         choices=["debug", "info", "warning", "error"],
         help="server log level (KMSENV_SERVER_LOG_LEVEL; default info)",
+    )
+    parser.add_argument(
+        "--store",
+        metavar="URL",
+        help="a postgresql:// URL to share one KMS between nodes (KMSENV_STORE; default kms.db in KMSENV_HOME)",
     )
     parser.set_defaults(func=_serve)
 
@@ -108,10 +113,11 @@ def _serve(args: argparse.Namespace) -> int:
         max_body=args.max_body,
         audit_log=str(args.audit_log) if args.audit_log else None,
         log_level=args.log_level,
+        store=args.store,
     )
     # Create (or check) the KMS home once, here: workers starting together must not race to
     # create a root key each.
-    open_service(default_home()).close()
+    open_service(default_home(), store=config.store).close()
     config.to_env()
     _configure_logging(config.log_level)
     log = logging.getLogger("kmsenv.server")
@@ -119,11 +125,12 @@ def _serve(args: argparse.Namespace) -> int:
         log.warning("serving plain HTTP on %s: use --tls-cert/--tls-key or a TLS proxy", config.host)
     scheme = "https" if config.tls_cert else "http"
     log.info(
-        "kmsenv KMS on %s://%s:%d (home %s, %d worker(s))",
+        "kmsenv KMS on %s://%s:%d (home %s, store %s, %d worker(s))",
         scheme,
         config.host,
         config.port,
         default_home(),
+        config.store_label(default_home()),
         config.workers,
     )
     _keep_tcp_nodelay_with_workers()

@@ -36,14 +36,13 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import fields
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import psycopg_pool
 from psycopg import errors as pg_errors
 
 from kmsenv.errors import ConfigError, KmsError
-from kmsenv.kms.store import _MIGRATIONS, SCHEMA_VERSION, KeyRecord, Tx
+from kmsenv.kms.store import _MIGRATIONS, POSTGRES_SCHEMES, SCHEMA_VERSION, KeyRecord, Tx, is_postgres_url, redact_url
 
 __all__ = [
     "PostgresStore",
@@ -58,7 +57,7 @@ __all__ = [
 
 _log = logging.getLogger("kmsenv.store")
 
-URL_SCHEMES = ("postgresql", "postgres")
+URL_SCHEMES = POSTGRES_SCHEMES
 CONNECT_TIMEOUT_S = 5
 #: How long an Action waits for a row lock or a pooled connection before it is told to retry;
 #: SQLite's busy timeout is the same 30 s.
@@ -82,10 +81,6 @@ _PG_EXTRA: dict[int, str] = {
 }
 
 
-def is_postgres_url(text: str) -> bool:
-    return urlsplit(text).scheme in URL_SCHEMES
-
-
 def require_postgres_url(text: str) -> str:
     if not is_postgres_url(text):
         raise ConfigError(
@@ -95,14 +90,8 @@ def require_postgres_url(text: str) -> str:
     return text
 
 
-def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+#: The URL without its password, for messages and logs (:func:`kmsenv.kms.store.redact_url`).
+redact = redact_url
 
 
 def _flag_columns() -> set[str]:

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from kmsenv.errors import ConfigError, KmsError
 
@@ -32,6 +33,8 @@ __all__ = [
     "Store",
     "Tx",
     "VersionRecord",
+    "is_postgres_url",
+    "redact_url",
 ]
 
 # The schema is written once, in SQLite's dialect; the PostgreSQL store (``pg_store``) translates
@@ -96,6 +99,28 @@ _MIGRATIONS: tuple[str, ...] = (
 
 #: The schema version this code writes and understands.
 SCHEMA_VERSION = len(_MIGRATIONS)
+
+#: URL schemes naming a PostgreSQL store (``KMSENV_STORE``, ``--store``, the ``store`` setting).
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
+def is_postgres_url(text: str) -> bool:
+    return urlsplit(text).scheme in POSTGRES_SCHEMES
+
+
+def redact_url(url: str) -> str:
+    """A store URL without its password (in the user part or a ``password=`` parameter), for
+    messages, logs and reprs. Here rather than in ``pg_store`` so that callers which only
+    print a URL (the server's settings) need not import psycopg."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rsplit('@', 1)[1]}"
+    query = parts.query
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(name == "password" for name, _ in pairs):
+        query = urlencode([(n, "***" if n == "password" else v) for n, v in pairs], safe="*")
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 @dataclass(slots=True)

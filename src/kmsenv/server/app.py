@@ -139,7 +139,7 @@ class _State:
 
     @classmethod
     def open(cls, home: Path, config: ServerConfig) -> _State:
-        service = open_service(home, announce=False)
+        service = open_service(home, announce=False, store=config.store or None)
         try:
             nonces = open_nonce_store(service.store, home)
             audit = AuditLog(config.audit_path(home))

@@ -15,10 +15,11 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from kmsenv.errors import ConfigError
+from kmsenv.kms.store import is_postgres_url, redact_url
 
 __all__ = ["DEFAULT_MAX_BODY", "LOG_LEVELS", "ServerConfig", "read_config_file"]
 
@@ -38,6 +39,8 @@ _ENV = {
     "max_body": "KMSENV_SERVER_MAX_BODY",
     "audit_log": "KMSENV_AUDIT_LOG",
     "log_level": "KMSENV_SERVER_LOG_LEVEL",
+    # The same variable every kmsenv command reads: a node's server and CLI use one store.
+    "store": "KMSENV_STORE",
 }
 
 
@@ -51,6 +54,9 @@ class ServerConfig:
     max_body: int = DEFAULT_MAX_BODY
     audit_log: str = ""  # default: audit.jsonl in the KMS home
     log_level: str = "info"
+    # A postgresql:// URL (docs/cluster.md), or "" for kms.db in the KMS home. It may hold a
+    # password: kept out of the repr; messages show it through ``store_label``.
+    store: str = field(default="", repr=False)
 
     @classmethod
     def from_env(cls, file: Mapping[str, object] | None = None, **overrides: object) -> ServerConfig:
@@ -79,6 +85,15 @@ class ServerConfig:
             raise ConfigError("TLS needs both a certificate and a key", hint="give --tls-cert and --tls-key")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log level {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+        if self.store and not is_postgres_url(self.store):
+            raise ConfigError(
+                f"the store must be a postgresql:// URL, not {redact_url(self.store)!r}",
+                hint="leave it unset for the embedded SQLite store in KMSENV_HOME",
+            )
+
+    def store_label(self, home: Path) -> str:
+        """Where the KMS is, for logs: the store URL without its password, or the SQLite file."""
+        return redact_url(self.store) if self.store else str(home / "kms.db")
 
     def to_env(self) -> None:
         """Publish these settings to worker processes (see the module docstring)."""
