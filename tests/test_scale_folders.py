@@ -325,3 +325,59 @@ def test_alias_on_decrypt_is_one_usage_error(
     assert rc == 2
     assert err.count("alias") >= 1 and "failed" not in err
     assert not (tmp_path / "dec").exists()
+
+
+# ---------------------------------------------------------------------- small-file buffers --
+
+
+def _slot_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the size of every chunk buffer pair the stream engine allocates."""
+    from kmsenv.format import stream
+
+    sizes: list[int] = []
+    original = stream._Slot.__init__
+
+    def recording(self: object, size: int) -> None:
+        sizes.append(size)
+        original(self, size)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(stream._Slot, "__init__", recording)
+    return sizes
+
+
+def test_small_files_get_small_buffers(
+    tmp_path: Path, kms: EmbeddedKms, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 4 KiB file does not pay for 1 MiB chunk buffers, in either direction (the size is known)."""
+    src = tmp_path / "small"
+    src.write_bytes(os.urandom(4096))
+    sizes = _slot_sizes(monkeypatch)
+    envelope.encrypt_file(src, tmp_path / "small.cipher", kms=kms, key_id=key)
+    envelope.decrypt_file(tmp_path / "small.cipher", tmp_path / "back", kms=kms)
+    assert (tmp_path / "back").read_bytes() == src.read_bytes()
+    assert sizes and max(sizes) < 8192, sizes
+
+
+@pytest.mark.parametrize("hint", [0, 1, 4095, 4096, 4097, 3 * 4096 + 5, None])
+@pytest.mark.parametrize("length", [0, 100, 4096, 4096 + 1, 3 * 4096 + 5])
+def test_a_wrong_size_hint_never_changes_the_bytes(hint: int | None, length: int) -> None:
+    """The buffer-size hint is only a hint: a file that grew or shrank since it was measured still
+    encrypts to exactly the bytes it would without one, and decrypts back."""
+    import io
+
+    from kmsenv import format as fmt
+    from kmsenv.format.keys import _new_header
+
+    stanza = fmt.KeyStanza("acs-kms", "acs:kms:cn-hangzhou:1:key/k", "v1", b"blob")
+    _, file_key = _new_header(b"k" * 32, stanzas=(stanza,), context={}, chunk_size=4096, salt=b"s" * 32)
+    plaintext = os.urandom(length)
+    outputs = []
+    for expected in (None, hint):
+        out = io.BytesIO()
+        n = fmt.encrypt_stream(io.BytesIO(plaintext), out, file_key, chunk_size=4096, threads=1, expected_size=expected)
+        assert n == length
+        outputs.append(out.getvalue())
+    assert outputs[0] == outputs[1]
+    back = io.BytesIO()
+    fmt.decrypt_stream(io.BytesIO(outputs[0]), back, file_key, chunk_size=4096, expected_size=hint)
+    assert back.getvalue() == plaintext

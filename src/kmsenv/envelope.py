@@ -181,6 +181,15 @@ class _Prefixed(io.RawIOBase):
         return len(data)
 
 
+def _remaining(src: BinaryIO) -> int | None:
+    """Bytes left to read in ``src`` if it is a regular file, else None (a buffer-sizing hint)."""
+    try:
+        st = os.fstat(src.fileno())
+        return st.st_size - src.tell() if stat.S_ISREG(st.st_mode) else None
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 def _sniff(src: BinaryIO) -> tuple[bytes, BinaryIO]:
     """The first bytes of ``src`` and a reader that still starts at them (pipes cannot seek)."""
     seekable = getattr(src, "seekable", None)  # duck-typed readers may lack it
@@ -535,7 +544,10 @@ def _encrypt(
             encrypt_ranges(src.fileno(), dst.fileno(), file_key, layout, threads=threads)
             n = size_hint
         else:
-            n = fmt.encrypt_stream(src, dst, file_key, chunk_size=chunk_size, threads=threads)
+            # size_hint 0 also means "unknown" (a stream): no buffer-sizing hint then.
+            n = fmt.encrypt_stream(
+                src, dst, file_key, chunk_size=chunk_size, threads=threads, expected_size=size_hint or None
+            )
     if lease is not None:
         lease.settle(n)
     return n
@@ -622,7 +634,9 @@ def decrypt_stream_result(
     if fmt.looks_like_v1(head) or head.startswith(MAGIC_PREFIX):
         header, opened = _open_v1(src, kms, required, names, discovery)
         with _os_errors():
-            size = fmt.decrypt_stream(src, dst, opened.file_key, chunk_size=header.chunk_size, threads=threads)
+            size = fmt.decrypt_stream(
+                src, dst, opened.file_key, chunk_size=header.chunk_size, threads=threads, expected_size=_remaining(src)
+            )
         return _v1_result(size, header, opened)
     if legacy.looks_like_legacy(head):
         parsed = legacy.read_legacy(src)
