@@ -37,6 +37,7 @@ __all__ = [
     "scrypt",
     "sha256",
     "sha256_hex",
+    "wipe",
 ]
 
 GCM_NONCE_SIZE = 12
@@ -46,6 +47,17 @@ GCM_TAG_SIZE = 16
 def random_bytes(n: int) -> bytes:
     """``n`` bytes from the operating system's CSPRNG."""
     return os.urandom(n)
+
+
+def wipe(buf: bytearray | memoryview) -> None:
+    """Overwrite a key buffer with zeros, in place.
+
+    Only mutable buffers can be wiped: an equal-length slice assignment rewrites a ``bytearray``'s
+    own storage (no reallocation), so the key bytes it held are gone from that allocation. Copies
+    made elsewhere (``bytes`` from base64 decoding, JSON text, OpenSSL's key schedule inside an
+    ``AESGCM`` object) are out of reach; docs/security.md ("Plaintext key buffers") lists them.
+    """
+    buf[:] = bytes(len(buf))
 
 
 def constant_time_eq(a: bytes, b: bytes) -> bool:
@@ -70,8 +82,12 @@ def hmac_sha1(key: bytes, msg: bytes) -> bytes:
     return hmac.new(key, msg, hashlib.sha1).digest()
 
 
-def hkdf_sha256(ikm: bytes, *, salt: bytes, info: bytes, length: int) -> bytes:
-    """HKDF-SHA256 (RFC 5869) extract-and-expand."""
+def hkdf_sha256(ikm: bytes | bytearray, *, salt: bytes, info: bytes, length: int) -> bytes:
+    """HKDF-SHA256 (RFC 5869) extract-and-expand.
+
+    ``ikm`` may be a ``bytearray`` the caller wipes afterwards: it is read in place, not copied
+    into a Python ``bytes`` first (OpenSSL's HMAC state holds its own copy until it is freed).
+    """
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
 
 

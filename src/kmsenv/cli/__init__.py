@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from kmsenv.cli import access, audit, files, kms, server, store
+from kmsenv.cli import access, agent, audit, files, kms, server, store
 
 __all__ = ["main"]
 
@@ -35,6 +35,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     server.register(sub)
     audit.register(sub)
     store.register(sub)
+    agent.register(sub)
     return parser
 
 
