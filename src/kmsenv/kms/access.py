@@ -5,7 +5,9 @@ once at creation. The secret is stored only sealed under the root key (AAD binds
 copied database yields no usable credential. Each AccessKey may carry a RAM-style policy
 (``policy``); none means full access. Every change is one store transaction, so a server reading
 the store sees it without a restart: on the next request, or — the server's lookups are cached
-for ``cache_s`` (1 s) per process — within that time.
+for ``cache_s`` (1 s) per process — within that time. On a store that reports changes
+(PostgreSQL's LISTEN/NOTIFY, ``Store.change_counter``) a cached lookup is kept while nothing in
+the store has changed, and dropped within milliseconds of any change.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ _ALPHABET = string.ascii_letters + string.digits
 #: At most this many credentials are cached (only AccessKeys that exist are, so unknown ids a
 #: client makes up cannot grow it); beyond it the cache starts over.
 _CACHE_MAX = 1024
+#: With a store that reports changes, a credential is still re-read after this long: a safety net.
+_KEEP_MAX_S = 60.0
 
 
 def _random_text(n: int) -> str:
@@ -63,7 +67,8 @@ class AccessKeys:
     def __init__(self, service: KmsService, *, cache_s: float = 0.0) -> None:
         self._service = service
         self._cache_s = cache_s
-        self._cache: dict[str, tuple[float, Credential]] = {}
+        # access key id → (monotonic time read, store change counter before the read, credential)
+        self._cache: dict[str, tuple[float, int | None, Credential]] = {}
 
     def _aad(self, access_key_id: str) -> bytes:
         return f"access-key:{access_key_id}".encode("ascii")
@@ -122,10 +127,15 @@ class AccessKeys:
 
     def lookup(self, access_key_id: str) -> Credential | None:
         """The credential for request verification, or None if no such AccessKey exists."""
+        marker = self._service.store.change_counter() if self._cache_s > 0 else None
         if self._cache_s > 0:
             hit = self._cache.get(access_key_id)
-            if hit is not None and time.monotonic() - hit[0] < self._cache_s:
-                return hit[1]
+            if hit is not None:
+                age = time.monotonic() - hit[0]
+                if marker is None and age < self._cache_s:
+                    return hit[2]
+                if marker is not None and hit[1] == marker and age < _KEEP_MAX_S:
+                    return hit[2]
         read_at = time.monotonic()  # the entry's age counts from before the read: never too young
         with self._service.store.transaction(write=False) as tx:
             rec = tx.get_access_key(access_key_id)
@@ -140,5 +150,5 @@ class AccessKeys:
         if self._cache_s > 0:
             if len(self._cache) >= _CACHE_MAX:
                 self._cache.clear()
-            self._cache[access_key_id] = (read_at, credential)
+            self._cache[access_key_id] = (read_at, marker, credential)
         return credential

@@ -8,9 +8,10 @@ as with the SQLite store.
 
 The nonces use a small connection pool of their own, so a request's nonce never waits behind
 key-management transactions for a connection. Like the SQLite nonce file, their commits do not
-wait for the disk (``synchronous_commit = off``, for these transactions only): after a database
-crash the last moments' nonces may be forgotten, which re-opens replay of those few requests until
-their timestamps leave the window. Key data never goes through this path.
+wait for the disk (``synchronous_commit = off``, set once on these connections only): after a
+database crash the last moments' nonces may be forgotten, which re-opens replay of those few
+requests until their timestamps leave the window. Key data never goes through this path. A claim
+is one autocommitted statement — one round trip to the database per request.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class PgNonceStore:
             max_size=_POOL_MAX,
             kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
             check=psycopg_pool.ConnectionPool.check_connection,
+            configure=_no_disk_wait,
             timeout=CONNECT_TIMEOUT_S,
             name="kmsenv-nonces",
             open=False,
@@ -71,8 +73,7 @@ class PgNonceStore:
                 (True, now) if now - self._last_purge > _PURGE_EVERY_S else (False, self._last_purge)
             )
         try:
-            with self._pool.connection() as conn, conn.transaction():
-                conn.execute("SET LOCAL synchronous_commit = off")
+            with self._pool.connection() as conn:
                 if purge:
                     conn.execute("DELETE FROM nonces WHERE expires_at < %s", (int(now),))
                 row: Any = conn.execute(_CLAIM, (access_key_id, nonce, int(now) + 2 * window_s, int(now))).fetchone()
@@ -81,6 +82,10 @@ class PgNonceStore:
 
             raise unavailable("nonce claim failed on", self._url, exc) from None
         return row is not None
+
+
+def _no_disk_wait(conn: Any) -> None:
+    conn.execute("SET synchronous_commit = off")
 
 
 def open_nonce_store(store: Store, home: Path) -> NonceStore | PgNonceStore:

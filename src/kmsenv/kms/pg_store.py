@@ -19,6 +19,10 @@ store's; what differs between the two dialects lives here:
 - **Failures**: a node that cannot reach the database fails fast (``connect_timeout``), and a
   lost connection, lock timeout or deadlock surfaces as ``ServiceUnavailableTemporary``; the
   details go to the log, not to clients.
+- **Change notices**: every write transaction ends in ``NOTIFY kmsenv_changes`` (delivered at
+  commit), and each store LISTENs on its own connection (:class:`_ChangeListener`, started by the
+  first :meth:`PostgresStore.change_counter` call): nodes drop what they cached from the store
+  within milliseconds of another node's commit (docs/cluster.md, "Caches").
 - **Schema versions**: a database no node has used is created on first open; an older schema is
   refused until ``kmsenv store migrate`` upgrades it (an operator's decision: nodes still running
   the older code will then refuse the newer schema); a schema newer than this code is refused,
@@ -33,6 +37,8 @@ import contextlib
 import functools
 import logging
 import re
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import fields
 from typing import Any
@@ -63,6 +69,13 @@ CONNECT_TIMEOUT_S = 5
 #: SQLite's busy timeout is the same 30 s.
 LOCK_TIMEOUT_S = 30
 POOL_MAX = 10
+#: The channel every write transaction notifies, and every node listens on.
+CHANGES_CHANNEL = "kmsenv_changes"
+#: The listener proves its connection alive this often (a round trip answered after every
+#: notification sent before it), and its word is trusted for at most ``LISTEN_TRUST_S`` after
+#: the last proof: a hung or half-open listener connection turns caching off within that time.
+LISTEN_HEARTBEAT_S = 0.2
+LISTEN_TRUST_S = 0.6
 #: pg_advisory_xact_lock id serialising schema creation and migration across nodes ("kmsenv").
 _SCHEMA_LOCK = 0x6B6D73656E76
 
@@ -239,6 +252,86 @@ def _configure(conn: psycopg.Connection[Any]) -> None:
     conn.execute("SET synchronous_commit = on")
 
 
+class _ChangeListener:
+    """LISTENs for ``kmsenv_changes`` on a connection of its own, in a daemon thread.
+
+    :meth:`counter` moves on every notification, and on every (re)connection (anything may have
+    changed while it was not listening); it is None while the listener is not known to be live
+    (not yet connected, connection lost, no heartbeat answered within ``LISTEN_TRUST_S``), and
+    then nothing may be cached. The heartbeat matters because PostgreSQL delivers pending
+    notifications before it answers a query: once a ``SELECT 1`` sent at time *h* is answered,
+    every commit before *h* has been seen. So what a cache holds is at most
+    ``LISTEN_HEARTBEAT_S`` + ``LISTEN_TRUST_S`` behind the database, and usually milliseconds.
+    """
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._count = 0
+        self._proved = 0.0  # monotonic time of the last answered heartbeat; 0: not live
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kmsenv-store-listen", daemon=True)
+        self._thread.start()
+
+    def counter(self) -> int | None:
+        with self._lock:
+            if self._proved == 0.0 or time.monotonic() - self._proved > LISTEN_TRUST_S:
+                return None
+            return self._count
+
+    def close(self) -> None:
+        # No join: the thread notices within one heartbeat and closes its connection; a CLI
+        # command must not wait for it.
+        self._stop.set()
+
+    def _bump(self, *, proved: float | None) -> None:
+        with self._lock:
+            self._count += 1
+            self._proved = 0.0 if proved is None else proved
+
+    def _run(self) -> None:
+        down = False  # log an outage once, not every reconnection attempt
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(
+                    self._url,
+                    autocommit=True,
+                    connect_timeout=CONNECT_TIMEOUT_S,
+                    # A dead peer must fail a heartbeat, not hang it (the trust window then
+                    # lapses anyway; this bounds how long until the listener reconnects).
+                    tcp_user_timeout=int(LISTEN_TRUST_S * 1000),
+                    keepalives=1,
+                    keepalives_idle=1,
+                    keepalives_interval=1,
+                    keepalives_count=2,
+                ) as conn:
+                    conn.execute(f"LISTEN {CHANGES_CHANNEL}")
+                    self._bump(proved=time.monotonic())  # anything may have changed while away
+                    if down:
+                        _log.warning("change listener on %s is listening again", redact(self._url))
+                        down = False
+                    while not self._stop.is_set():
+                        for _ in conn.notifies(timeout=LISTEN_HEARTBEAT_S):
+                            self._bump(proved=time.monotonic())
+                        sent = time.monotonic()
+                        conn.execute("SELECT 1")
+                        # Notifications that arrived with the answer are queued: count them first.
+                        for _ in conn.notifies(timeout=0):
+                            self._bump(proved=sent)
+                        with self._lock:
+                            self._proved = sent
+            except psycopg.Error as exc:
+                self._bump(proved=None)
+                if not down:
+                    _log.warning("change listener on %s lost its connection: %s", redact(self._url), exc)
+                    down = True
+                self._stop.wait(0.5)
+            except BaseException:  # never let a cache trust a dead listener
+                self._bump(proved=None)
+                raise
+        self._bump(proved=None)
+
+
 class PostgresStore:
     """A pooled PostgreSQL store, safe for many threads and many nodes at once."""
 
@@ -258,12 +351,29 @@ class PostgresStore:
             open=False,
         )
         self._pool.open(wait=False)
+        self._listener: _ChangeListener | None = None
+        self._listener_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.path})"
 
     def close(self) -> None:
+        with self._listener_lock:
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
         self._pool.close()
+
+    def change_counter(self) -> int | None:
+        """Moves whenever any node (this one included) may have committed a change; None while
+        that cannot be told (see :class:`_ChangeListener`). The first call starts listening."""
+        listener = self._listener
+        if listener is None:
+            with self._listener_lock:
+                if self._listener is None:
+                    self._listener = _ChangeListener(self.url)
+                listener = self._listener
+        return listener.counter()
 
     @contextlib.contextmanager
     def transaction(self, *, write: bool) -> Iterator[Tx]:
@@ -276,7 +386,8 @@ class PostgresStore:
                     with contextlib.suppress(psycopg.Error):
                         conn.execute("ROLLBACK")
                     raise
-                conn.execute("COMMIT")
+                # One round trip: the notice is delivered to every listener at commit, not before.
+                conn.execute(f"NOTIFY {CHANGES_CHANNEL}; COMMIT" if write else "COMMIT")
         except psycopg.OperationalError as exc:
             # Connection lost or refused, pool exhausted, lock timeout, deadlock: all retryable.
             raise unavailable("store transaction failed on", self.url, exc) from None

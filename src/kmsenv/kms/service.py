@@ -10,6 +10,12 @@ Time comes from an injectable clock, so rotation and deletion windows are testab
 due rotations and deletions are carried out at the start of the next Action, by whoever calls.
 That check (a store read) is skipped while nothing can have fallen due since the last one — see
 :meth:`KmsService._housekeeping` for exactly when.
+
+The crypto Actions (Encrypt, GenerateDataKey, Decrypt, ReEncrypt) read their alias, key and
+version through a record cache (:class:`_CachedReads`) when the store can say that nothing has
+changed since (``Store.change_counter``: PostgreSQL's LISTEN/NOTIFY, within milliseconds); then
+they touch no database at all. Every other Action, and every Action on a store that cannot say
+(SQLite), reads the store in its own transaction.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -64,6 +70,10 @@ MAX_PAGE_NUMBER = 2**31 - 1
 #: A housekeeping check stays good for at most this long (monotonic seconds) within one process:
 #: the bound on how late this process notices a rotation another process made due right away.
 HOUSEKEEPING_RECHECK_S = 1.0
+#: A cached key, alias or version record is reused for at most this long, even while the store's
+#: change counter stands still: a safety net, since the counter moves on any change.
+RECORD_CACHE_MAX_S = 60.0
+_RECORD_CACHE_MAX = 4096
 
 _CRYPTO = {
     "Disabled": "Rejected.Disabled",
@@ -206,12 +216,16 @@ class KmsService:
         self._kept: tuple[str, float, int] | None = None
         self._writes = 0
         self._kept_lock = threading.Lock()
+        # Crypto Actions' record cache: (kind, name) → (monotonic time read, store change counter
+        # and ``_writes`` before the read, record). Valid while both counters are unchanged.
+        self._records: dict[tuple[str, str], tuple[float, int, int, Any]] = {}
 
     def __repr__(self) -> str:
         return f"KmsService(store={self.store.path}, region={self.region})"
 
     def close(self) -> None:
         self._aeads.clear()
+        self._records.clear()
         self.store.close()
 
     # ---------------------------------------------------------------------------- plumbing --
@@ -245,7 +259,7 @@ class KmsService:
         else:
             arns.append(self.key_arn(ident))
         if alias_name is not None:
-            with self.store.transaction(write=False) as tx:
+            with self._reads() as tx:
                 alias = tx.get_alias(alias_name)
             if alias is not None:
                 arns.append(self.key_arn(alias.key_id))
@@ -268,6 +282,39 @@ class KmsService:
             if write:  # committed or not: this process may have made something due
                 with self._kept_lock:
                     self._writes += 1
+
+    @contextmanager
+    def _reads(self) -> Iterator[Tx]:
+        """The read-only view of a crypto Action: cached records while the store can vouch for
+        them (see :class:`_CachedReads`), else a read transaction as in :meth:`_tx`."""
+        marker = self.store.change_counter()
+        if marker is None:
+            with self._tx(write=False) as tx:
+                yield tx
+            return
+        self._housekeeping()
+        reads = _CachedReads(self, marker)
+        try:
+            with reads.stack:
+                yield reads
+        except _OverdueKey as overdue:
+            self._kept = None
+            self._housekeeping()
+            raise overdue.error from None
+
+    def _cached(self, kind: str, name: str, marker: int, writes: int, load: Callable[[], Any]) -> Any:
+        """A record from the cache if read under the same counters, else ``load()`` (cached if found)."""
+        entry = (kind, name)
+        hit = self._records.get(entry)
+        now = time.monotonic()
+        if hit is not None and hit[1] == marker and hit[2] == writes and now - hit[0] < RECORD_CACHE_MAX_S:
+            return hit[3]
+        value = load()
+        if value is not None:
+            if len(self._records) >= _RECORD_CACHE_MAX:
+                self._records.clear()
+            self._records[entry] = (now, marker, writes, value)
+        return value
 
     def _housekeeping(self) -> None:
         """Carry out deletions and automatic rotations that have fallen due.
@@ -302,6 +349,8 @@ class KmsService:
                     self._kept = (now, started, writes)
             return
         destroyed = False
+        with self._kept_lock:
+            self._writes += 1  # a rotation changes a key's primary version: cached records are stale
         with self.store.transaction(write=True) as tx:
             for key_id in tx.due_key_ids(now):  # re-read under the write lock: another process may have done it
                 key = tx.get_key(key_id)
@@ -716,7 +765,7 @@ class KmsService:
         if len(data) > MAX_ENCRYPT_PLAINTEXT:
             raise KmsError.invalid_parameter("Plaintext", f"It must be at most {MAX_ENCRYPT_PLAINTEXT} bytes.")
         context = parse_context(encryption_context)
-        with self._tx(write=False) as tx:
+        with self._reads() as tx:
             key = self._resolve(tx, key_id)
             self._check_state("Encrypt", key)
             _stop_if_dry_run(dry_run, "Encrypt")
@@ -747,7 +796,7 @@ class KmsService:
         # Alibaba wraps the *base64 text* of the data key, so Decrypt returns exactly the string
         # GenerateDataKey returned as Plaintext.
         plaintext = base64.b64encode(_crypto.random_bytes(size)).decode("ascii")
-        with self._tx(write=False) as tx:
+        with self._reads() as tx:
             key = self._resolve(tx, key_id)
             self._check_state(action, key)
             _stop_if_dry_run(dry_run, action)
@@ -801,7 +850,7 @@ class KmsService:
         dry_run: bool | None = None,
     ) -> Response:
         context = parse_context(encryption_context)
-        with self._tx(write=False) as tx:
+        with self._reads() as tx:
             key, version_id, plaintext = self._open(
                 tx, "Decrypt", ciphertext_blob, context, param="CiphertextBlob", dry_run=dry_run
             )
@@ -824,7 +873,7 @@ class KmsService:
     ) -> Response:
         source_context = parse_context(source_encryption_context, param="SourceEncryptionContext")
         destination_context = parse_context(destination_encryption_context, param="DestinationEncryptionContext")
-        with self._tx(write=False) as tx:
+        with self._reads() as tx:
             destination = self._resolve(tx, destination_key_id, param="DestinationKeyId")
             source, version_id, plaintext = self._open(
                 tx, "ReEncrypt", ciphertext_blob, source_context, param="CiphertextBlob"
@@ -908,6 +957,54 @@ class KmsService:
                 key.next_rotation_date = None
 
         return self._change_key("UpdateRotationPolicy", key_id, change)
+
+
+class _LazyConnection:
+    """Stands in for a connection until a query needs one: then opens the read transaction."""
+
+    def __init__(self, reads: _CachedReads) -> None:
+        self._reads = reads
+
+    def execute(self, sql: str, parameters: Any = (), /) -> Any:
+        return self._reads.real()._c.execute(sql, parameters)
+
+
+class _CachedReads(Tx):
+    """A crypto Action's reads: alias, key and version records from the service's cache when
+    they were read under the store change counter the Action started with (and no write by
+    this service since); otherwise from a read transaction opened on the first miss, which
+    lasts until the Action ends. Records are shared, never modified: crypto Actions only read.
+    """
+
+    def __init__(self, service: KmsService, marker: int) -> None:
+        super().__init__(_LazyConnection(self))
+        self._service = service
+        self._marker = marker
+        self._writes = service._writes
+        self.stack = ExitStack()
+        self._real: Tx | None = None
+
+    def real(self) -> Tx:
+        if self._real is None:
+            self._real = self.stack.enter_context(self._service.store.transaction(write=False))
+        return self._real
+
+    def _cached(self, kind: str, name: str, load: Callable[[], Any]) -> Any:
+        return self._service._cached(kind, name, self._marker, self._writes, load)
+
+    def get_alias(self, alias_name: str) -> AliasRecord | None:
+        record: AliasRecord | None = self._cached("alias", alias_name, lambda: self.real().get_alias(alias_name))
+        return record
+
+    def get_key(self, key_id: str) -> KeyRecord | None:
+        record: KeyRecord | None = self._cached("key", key_id, lambda: self.real().get_key(key_id))
+        return record
+
+    def get_version(self, key_version_id: str) -> VersionRecord | None:
+        record: VersionRecord | None = self._cached(
+            "version", key_version_id, lambda: self.real().get_version(key_version_id)
+        )
+        return record
 
 
 class _OverdueKey(Exception):

@@ -400,6 +400,12 @@ class Store(Protocol):
 
     def schema_version(self) -> int: ...
 
+    def change_counter(self) -> int | None:
+        """A number that moves whenever any process may have committed a change to the store;
+        None when the store cannot tell, and then nothing read from it may be reused outside
+        the transaction that read it (the service's key cache, docs/cluster.md "Caches")."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -474,6 +480,11 @@ class SqliteStore:
         a later call (or when the last connection closes)."""
         with self._lock:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+    def change_counter(self) -> int | None:
+        """None: the embedded store keeps reading every record in every Action (a read costs
+        microseconds here), so other processes' changes apply on their next request."""
+        return None
 
     def schema_version(self) -> int:
         with self.transaction(write=False) as tx:
