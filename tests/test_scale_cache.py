@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from files_helpers import CONTEXT
+from files_helpers import CONTEXT, flip
 from kmsenv import envelope
 from kmsenv.clients import EmbeddedKms
 from kmsenv.envelope import DataKeyCache
-from kmsenv.errors import KmsError, UsageError
+from kmsenv.errors import IntegrityError, KmsError, UsageError
 from test_scale_support import CountingKms, cli, new_key, read_header
 
 
@@ -72,7 +72,9 @@ def test_one_data_key_for_many_files(tmp_path: Path, kms: EmbeddedKms, key: str)
     for i, out in enumerate(outs):
         envelope.decrypt_file(out, tmp_path / f"p{i}", kms=kms)
         assert (tmp_path / f"p{i}").read_bytes() == (tmp_path / "in" / f"f{i}").read_bytes()
-    assert cache.stats() == {"hits": 19, "misses": 1, "entries": 1}
+    stats = cache.stats()
+    assert (stats["hits"], stats["misses"], stats["entries"]) == (19, 1, 1)
+    assert stats["unwrap_misses"] == stats["unwrap_hits"] == 0  # decryption above used no cache
 
 
 def test_max_files(tmp_path: Path, kms: EmbeddedKms, key: str) -> None:
@@ -220,3 +222,97 @@ def test_cli_size_and_age_units(tmp_path: Path, key: str, capsys: pytest.Capture
     assert (rc, err) == (0, "")
     with pytest.raises(SystemExit):
         cli(capsys, "encrypt", "--key-id", key, "--cache-max-age", "soon", str(src))
+
+
+# ------------------------------------------------------------------------- decryption side --
+
+
+class KeepOpenKms(CountingKms):
+    """A counting KMS a CLI run may close without closing the test's KMS service."""
+
+    def close(self) -> None:
+        pass
+
+
+def test_decrypt_reuses_unwrapped_data_keys(tmp_path: Path, kms: EmbeddedKms, key: str) -> None:
+    """Files sharing one wrapped data key cost one KMS Decrypt with a cache, one each without."""
+    outs = encrypt_all(files(tmp_path / "in", 12), kms, key, DataKeyCache(), context=CONTEXT)
+    for cache, calls in [(DataKeyCache(), 1), (None, 12)]:
+        counting = CountingKms(kms)
+        for i, out in enumerate(outs):
+            plain = tmp_path / f"p{i}"
+            envelope.decrypt_file(out, plain, kms=counting, cache=cache, force=True)
+            assert plain.read_bytes() == (tmp_path / "in" / f"f{i}").read_bytes()
+        assert counting.count("Decrypt") == calls
+        if cache is not None:
+            stats = cache.stats()
+            assert (stats["unwrap_misses"], stats["unwrap_hits"], stats["unwrapped"]) == (1, 11, 1)
+            cache.clear()
+            assert cache.stats()["unwrapped"] == 0
+
+
+def test_cached_unwrap_still_authenticates_each_header(tmp_path: Path, kms: EmbeddedKms, key: str) -> None:
+    """A cache hit replaces only the KMS call: a file whose header was altered (same wrapped key)
+    still fails its commitment check, and its output never appears."""
+    outs = encrypt_all(files(tmp_path / "in", 2), kms, key, DataKeyCache())
+    flip(outs[1], read_header(outs[1]).size - 40)  # inside the salt/commitment/body, not the blob
+    cache = DataKeyCache()
+    envelope.decrypt_file(outs[0], tmp_path / "ok", kms=kms, cache=cache)
+    with pytest.raises(IntegrityError):
+        envelope.decrypt_file(outs[1], tmp_path / "bad", kms=kms, cache=cache)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_unwrapped_keys_expire_and_are_keyed_by_context(tmp_path: Path, kms: EmbeddedKms, key: str) -> None:
+    clock = Clock()
+    cache = DataKeyCache(max_age=60, clock=clock)
+    counting = CountingKms(kms)
+    outs = encrypt_all(files(tmp_path / "in", 3), kms, key, DataKeyCache(), context=CONTEXT)
+    envelope.decrypt_file(outs[0], tmp_path / "p0", kms=counting, cache=cache)
+    clock.now += 59
+    envelope.decrypt_file(outs[1], tmp_path / "p1", kms=counting, cache=cache)
+    assert counting.count("Decrypt") == 1
+    clock.now += 1
+    envelope.decrypt_file(outs[2], tmp_path / "p2", kms=counting, cache=cache)
+    assert counting.count("Decrypt") == 2  # max_age reached: the KMS is asked again
+    other = CountingKms(kms)  # another KMS object never gets this one's answers
+    envelope.decrypt_file(outs[2], tmp_path / "p3", kms=other, cache=cache)
+    assert other.count("Decrypt") == 1
+
+
+def test_unwrap_errors_are_not_cached(tmp_path: Path, kms: EmbeddedKms, key: str) -> None:
+    outs = encrypt_all(files(tmp_path / "in", 1), kms, key, DataKeyCache())
+    cache = DataKeyCache()
+    kms.service.disable_key(key_id=key)
+    with pytest.raises(KmsError):
+        envelope.decrypt_file(outs[0], tmp_path / "p", kms=kms, cache=cache)
+    kms.service.enable_key(key_id=key)
+    envelope.decrypt_file(outs[0], tmp_path / "p", kms=kms, cache=cache)
+    assert cache.stats()["unwrap_misses"] == 1
+
+
+@pytest.mark.parametrize(("options", "calls"), [([], 1), (["--no-cache"], 6)])
+def test_cli_decrypt_folder_counts_kms_calls(
+    tmp_path: Path,
+    kms: EmbeddedKms,
+    *,
+    key: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    options: list[str],
+    calls: int,
+) -> None:
+    """`decrypt -r` of a folder encrypted under one cached data key: one KMS Decrypt for the run."""
+    from kmsenv.cli import files as cli_files
+
+    files(tmp_path / "in", 6)
+    rc, _, err = cli(capsys, "encrypt", "-r", str(tmp_path / "in"), "-o", str(tmp_path / "enc"), "--key-id", key)
+    assert rc == 0, err
+    counting = KeepOpenKms(kms)
+    monkeypatch.setattr(cli_files, "open_kms", lambda _args: counting)
+    rc, _, err = cli(capsys, "decrypt", "-r", str(tmp_path / "enc"), "-o", str(tmp_path / "dec"), "-v", *options)
+    assert rc == 0, err
+    assert counting.count("Decrypt") == calls
+    assert sorted(p.name for p in (tmp_path / "dec").iterdir()) == [f"f{i}" for i in range(6)]
+    if not options:
+        assert "1 KMS Decrypt call(s)" in err

@@ -13,6 +13,14 @@ the encryption context, so a file always carries exactly the wrapped keys and th
 asked for. Concurrent requests for a key that is not cached coalesce: one thread asks the KMS,
 the others wait for its answer (or its error) instead of each making a call.
 
+Decryption uses the same object the other way round (:meth:`DataKeyCache.unwrap`): the KMS's
+answer to ``Decrypt`` of one wrapped data key (the same ``CiphertextBlob`` under the same
+context) is kept for ``max_age`` seconds, at most :data:`MAX_UNWRAPPED` of them, so a folder
+encrypted under one cached data key decrypts with one KMS call. That adds no exposure: every file
+carrying that blob is already readable by whoever holds its data key, and each file's header is
+still authenticated (commitment and tag) with it. The age limit bounds how long a key disabled
+in the KMS meanwhile still opens files in a running process.
+
 The cache lives in one process (a folder run, or a Python program holding a
 :class:`DataKeyCache`); separate ``kmsenv`` processes share nothing (that needs an agent).
 The plaintext data keys it holds are Python ``bytes`` and cannot be wiped; :meth:`clear` drops
@@ -23,18 +31,24 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from kmsenv.errors import UsageError
 from kmsenv.format.header import KeyStanza
 
-__all__ = ["DEFAULT_MAX_AGE", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_FILES", "DataKeyCache", "Lease"]
+__all__ = ["DEFAULT_MAX_AGE", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_FILES", "MAX_UNWRAPPED", "DataKeyCache", "Lease"]
 
 DEFAULT_MAX_AGE = 300.0
 DEFAULT_MAX_FILES = 10_000
 DEFAULT_MAX_BYTES = 64 << 30
+#: Unwrapped data keys kept for decryption, least recently used dropped first: memory stays
+#: bounded (a few hundred bytes each) in a run over files written under many data keys.
+MAX_UNWRAPPED = 1024
+
+_T = TypeVar("_T")
 
 #: What the caller's ``make`` returns: the plaintext data key and its wrapped forms.
 Made = tuple[bytes, tuple[KeyStanza, ...]]
@@ -121,8 +135,12 @@ class DataKeyCache:
         self._lock = threading.Lock()
         self._entries: dict[Hashable, _Entry] = {}
         self._pending: dict[Hashable, _Asking] = {}
+        self._unwrapped: OrderedDict[Hashable, tuple[float, object, Any]] = OrderedDict()
+        self._unwrapping: dict[Hashable, _Asking] = {}
         self.hits = 0
         self.misses = 0
+        self.unwrap_hits = 0
+        self.unwrap_misses = 0
 
     def __repr__(self) -> str:
         return (
@@ -134,14 +152,67 @@ class DataKeyCache:
         raise TypeError("DataKeyCache objects hold key material and cannot be pickled")
 
     def clear(self) -> None:
-        """Forget every cached data key (files already written are unaffected)."""
+        """Forget every cached data key, both directions (files already written are unaffected)."""
         with self._lock:
             self._entries.clear()
+            self._unwrapped.clear()
 
     def stats(self) -> dict[str, Any]:
-        """``{"hits": files served from the cache, "misses": data keys made, "entries": cached now}``."""
+        """``{"hits": files served from the cache, "misses": data keys made, "entries": cached now}``,
+        and for decryption ``unwrap_hits``, ``unwrap_misses`` (KMS ``Decrypt`` calls made through
+        the cache) and ``unwrapped`` (kept now)."""
         with self._lock:
-            return {"hits": self.hits, "misses": self.misses, "entries": len(self._entries)}
+            return {
+                "hits": self.hits,
+                "misses": self.misses,
+                "entries": len(self._entries),
+                "unwrap_hits": self.unwrap_hits,
+                "unwrap_misses": self.unwrap_misses,
+                "unwrapped": len(self._unwrapped),
+            }
+
+    def unwrap(self, key: Hashable, make: Callable[[], _T], *, owner: object) -> _T:
+        """The KMS's answer for unwrapping the data key ``key`` names: kept if younger than
+        ``max_age``, else ``make()``'s (which is then kept; errors are not).
+
+        ``key`` must identify the wrapped key exactly (KMS, blob, context): the envelope layer
+        builds it. Concurrent misses on one key make one call; its error reaches every waiter.
+        """
+        while True:
+            with self._lock:
+                found = self._unwrapped.get(key)
+                if found is not None:
+                    created, entry_owner, value = found
+                    if entry_owner is owner and self._clock() - created < self.max_age:
+                        self._unwrapped.move_to_end(key)
+                        self.unwrap_hits += 1
+                        return value  # type: ignore[no-any-return]
+                    del self._unwrapped[key]
+                pending = self._unwrapping.get(key)
+                asking = pending is None
+                if pending is None:
+                    pending = self._unwrapping[key] = _Asking()
+            if not asking:
+                pending.done.wait()
+                if pending.error is not None:
+                    raise pending.error
+                continue
+            try:
+                value = make()
+            except BaseException as exc:
+                with self._lock:
+                    del self._unwrapping[key]
+                pending.error = exc
+                pending.done.set()
+                raise
+            with self._lock:
+                self.unwrap_misses += 1
+                self._unwrapped[key] = (self._clock(), owner, value)
+                while len(self._unwrapped) > MAX_UNWRAPPED:
+                    self._unwrapped.popitem(last=False)
+                del self._unwrapping[key]
+            pending.done.set()
+            return value
 
     def _usable(self, entry: _Entry, owner: object, size_hint: int) -> bool:
         return (

@@ -333,14 +333,18 @@ def _new_file_key(
         del plaintext
 
 
-def _unwrap_blob(kms: Kms, blob: str, context: Mapping[str, str]) -> UnwrappedKey:
-    """KMS ``Decrypt`` of a data key blob taken from a file.
+def _unwrap_blob(kms: Kms, blob: str, context: Mapping[str, str], cache: DataKeyCache | None = None) -> UnwrappedKey:
+    """KMS ``Decrypt`` of a data key blob taken from a file (or the answer ``cache`` kept for it).
 
     ``InvalidCiphertext`` here means the KMS could not open the blob with the context the file
     carries: the file was modified (its context or wrapped key), or the key was wrapped by
     another KMS. Either way the file as it is does not authenticate, so it is an IntegrityError;
     every other KMS answer (disabled key, no permission, key not found) is passed on as-is.
     """
+    if cache is not None:
+        # The exact blob, context and KMS: a hit is the answer this KMS gave for these bytes.
+        cache_key = ("unwrap", id(kms), kms.provider_id, blob, tuple(sorted(context.items())))
+        return cache.unwrap(cache_key, lambda: _unwrap_blob(kms, blob, context), owner=kms)
     try:
         return kms.decrypt_data_key(blob, encryption_context=context)
     except KmsError as exc:
@@ -413,7 +417,13 @@ def key_ref_of_arn(arn: str) -> str:
     return tail if sep else arn
 
 
-def _unwrap(kms: Kms, header: fmt.Header, key_ids: Sequence[str] | None = None, discovery: bool = False) -> Opened:
+def _unwrap(
+    kms: Kms,
+    header: fmt.Header,
+    key_ids: Sequence[str] | None = None,
+    discovery: bool = False,
+    cache: DataKeyCache | None = None,
+) -> Opened:
     """Unwrap the data key from the first usable stanza (see :func:`_selection`); open the header.
 
     A stanza the KMS refuses (no permission, key not found, disabled...) or that does not open
@@ -427,7 +437,7 @@ def _unwrap(kms: Kms, header: fmt.Header, key_ids: Sequence[str] | None = None, 
         stanza = header.stanzas[i]
         blob = base64.b64encode(stanza.ciphertext_blob).decode("ascii")
         try:
-            unwrapped = _unwrap_blob(kms, blob, header.context)
+            unwrapped = _unwrap_blob(kms, blob, header.context, cache)
         except (KmsError, IntegrityError) as exc:
             code = exc.code if isinstance(exc, KmsError) else "InvalidCiphertext"
             failures.append((StanzaOutcome(i + 1, stanza.provider, stanza.key_arn, code), exc))
@@ -596,6 +606,7 @@ def decrypt_stream(
     key_ids: Sequence[str] | None = None,
     discovery: bool = False,
     threads: int = 2,
+    cache: DataKeyCache | None = None,
 ) -> int:
     """Decrypt a v1 or legacy file from ``src`` into ``dst``; return the plaintext byte count.
 
@@ -610,9 +621,12 @@ def decrypt_stream(
     v1 chunks go to ``dst`` one by one, each only after its tag verified; a legacy file is
     verified whole first. On IntegrityError ``dst`` may already hold verified chunks from before
     the failure: the caller must discard them (:func:`decrypt_file` does).
+
+    ``cache``: a :class:`DataKeyCache` that keeps the KMS's ``Decrypt`` answers (within its
+    ``max_age``), so files sharing a wrapped data key cost one KMS call between them.
     """
     return decrypt_stream_result(
-        src, dst, kms=kms, context=context, key_ids=key_ids, discovery=discovery, threads=threads
+        src, dst, kms=kms, context=context, key_ids=key_ids, discovery=discovery, threads=threads, cache=cache
     ).plaintext_size
 
 
@@ -625,6 +639,7 @@ def decrypt_stream_result(
     key_ids: Sequence[str] | None = None,
     discovery: bool = False,
     threads: int = 2,
+    cache: DataKeyCache | None = None,
 ) -> DecryptResult:
     """:func:`decrypt_stream`, returning a :class:`DecryptResult` (which key opened the file)."""
     required = _context(context)
@@ -632,7 +647,7 @@ def decrypt_stream_result(
     named = {key_ref(k) for k in names}  # UsageError for aliases, before any I/O or KMS call
     head, src = _sniff(src)
     if fmt.looks_like_v1(head) or head.startswith(MAGIC_PREFIX):
-        header, opened = _open_v1(src, kms, required, names, discovery)
+        header, opened = _open_v1(src, kms, required, names, discovery, cache=cache)
         with _os_errors():
             size = fmt.decrypt_stream(
                 src, dst, opened.file_key, chunk_size=header.chunk_size, threads=threads, expected_size=_remaining(src)
@@ -641,7 +656,7 @@ def decrypt_stream_result(
     if legacy.looks_like_legacy(head):
         parsed = legacy.read_legacy(src)
         _require_context({}, required)  # the sample bound no context
-        unwrapped = _unwrap_blob(kms, parsed.ciphertext_blob, {})
+        unwrapped = _unwrap_blob(kms, parsed.ciphertext_blob, {}, cache)
         if named and not discovery and unwrapped.key_id not in named:
             raise ConfigError("the legacy file's data key is not under a key id you named", hint=_DISCOVERY_HINT)
         plaintext = legacy.open_legacy(parsed, unwrapped.plaintext)
@@ -654,12 +669,18 @@ def decrypt_stream_result(
 
 
 def _open_v1(
-    src: BinaryIO, kms: Kms, required: Mapping[str, str], names: Sequence[str], discovery: bool
+    src: BinaryIO,
+    kms: Kms,
+    required: Mapping[str, str],
+    names: Sequence[str],
+    discovery: bool,
+    *,
+    cache: DataKeyCache | None = None,
 ) -> tuple[fmt.Header, Opened]:
     """Read a v1 header from ``src``, check the required context, unwrap and open the header."""
     header = fmt.read_header(src)  # also words an unknown version or a bad header precisely
     _require_context(header.context, required)
-    return header, _unwrap(kms, header, names, discovery)
+    return header, _unwrap(kms, header, names, discovery, cache)
 
 
 def _v1_result(size: int, header: fmt.Header, opened: Opened) -> DecryptResult:
@@ -749,6 +770,7 @@ def decrypt_file(
     discovery: bool = False,
     force: bool = False,
     threads: int | None = None,
+    cache: DataKeyCache | None = None,
 ) -> int:
     """Decrypt the file ``src`` (v1 or legacy) into a new file ``dst``, mode 0600.
 
@@ -758,10 +780,19 @@ def decrypt_file(
     ``force``, and nothing remains of it on failure. ``threads``: None (default) or 1 decrypts
     in this thread (streaming); N >= 2 decrypts a regular v1 file's chunk ranges on N threads,
     each chunk written (``pwrite``) only once verified, a truncated or extended file failing
-    before any chunk is read. Returns the number of plaintext bytes.
+    before any chunk is read. ``cache``: keep the KMS's ``Decrypt`` answers for the next files
+    (see :func:`decrypt_stream`). Returns the number of plaintext bytes.
     """
     return decrypt_file_result(
-        src, dst, kms=kms, context=context, key_ids=key_ids, discovery=discovery, force=force, threads=threads
+        src,
+        dst,
+        kms=kms,
+        context=context,
+        key_ids=key_ids,
+        discovery=discovery,
+        force=force,
+        threads=threads,
+        cache=cache,
     ).plaintext_size
 
 
@@ -775,6 +806,7 @@ def decrypt_file_result(
     discovery: bool = False,
     force: bool = False,
     threads: int | None = None,
+    cache: DataKeyCache | None = None,
 ) -> DecryptResult:
     """:func:`decrypt_file`, returning a :class:`DecryptResult` (which key opened the file)."""
     required = _context(context)
@@ -785,7 +817,7 @@ def decrypt_file_result(
         st = os.fstat(fin.fileno())
         # _ranges first: it admits only regular files, which _sniff reads without consuming.
         if _ranges(st, threads) and fmt.looks_like_v1(_sniff(fin)[0]):
-            header, opened = _open_v1(fin, kms, required, names, discovery)
+            header, opened = _open_v1(fin, kms, required, names, discovery, cache=cache)
             # The size alone says where every chunk is, and whether the file was truncated or
             # extended (IntegrityError here, before any chunk is read).
             layout = Layout.of_file(header.size, header.chunk_size, st.st_size)
@@ -793,7 +825,14 @@ def decrypt_file_result(
                 decrypt_ranges(fin.fileno(), out.fileno(), opened.file_key, layout, threads=threads or 1)
             return _v1_result(layout.plaintext_size, header, opened)
         return decrypt_stream_result(
-            fin, out, kms=kms, context=required, key_ids=key_ids, discovery=discovery, threads=_stream_threads(threads)
+            fin,
+            out,
+            kms=kms,
+            context=required,
+            key_ids=key_ids,
+            discovery=discovery,
+            threads=_stream_threads(threads),
+            cache=cache,
         )
 
 

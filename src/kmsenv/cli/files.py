@@ -263,6 +263,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     _add_tree_options(
         p, "decrypt every *.cipher file below the folder INPUT into the folder -o OUTDIR, removing .cipher"
     )
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="with -r: ask the KMS to unwrap every file's data key (default: once per wrapped key per run)",
+    )
     _add_reporting(p)
     add_kms_options(p)
     p.set_defaults(func=_decrypt)
@@ -450,14 +455,19 @@ def _decrypt(args: argparse.Namespace) -> int:
             hint="decrypt the whole stream, or save it to a file first",
         )
     if args.recursive:
+        # Files encrypted under one cached data key share its wrapped key: one KMS Decrypt serves
+        # them all (within the cache's max age), instead of one call per file.
+        unwrap_cache = None if args.no_cache else envelope.DataKeyCache()
 
         def decrypt_one(kms: Kms, src: str, dst: str, threads: int | None) -> dict[str, Any]:
-            result = envelope.decrypt_file_result(src, dst, kms=kms, force=args.force, threads=threads, **options)
+            result = envelope.decrypt_file_result(
+                src, dst, kms=kms, force=args.force, threads=threads, cache=unwrap_cache, **options
+            )
             if args.verbose:
                 note(f"{_show(src)}: {describe_key(result)}")
             return {**result.as_dict(), "output_size": _size_of(dst)}
 
-        return _run_tree(args, decrypt_one, decrypt=True, cache=None)
+        return _run_tree(args, decrypt_one, decrypt=True, cache=unwrap_cache)
     output = args.output or default_decrypt_output(args.input)
     with _metadata(args.metadata_output, output) as meta, kms_from_args(args) as kms:
         with meta.one_file("decrypt", args.input, output) as record:
@@ -528,9 +538,13 @@ def _run_tree(args: argparse.Namespace, work: _FileWork, *, decrypt: bool, cache
             jobs=jobs,
             progress=args.progress,
         )
-    if cache is not None and args.verbose:
+    if cache is not None:
         stats = cache.stats()
-        note(f"{stats['misses']} data key(s) from the KMS for {stats['hits'] + stats['misses']} file(s)")
+        cache.clear()  # the run is over: drop the data keys now, not when the process exits
+        if args.verbose and decrypt:
+            note(f"{stats['unwrap_misses']} KMS Decrypt call(s) for the files' wrapped data keys")
+        elif args.verbose:
+            note(f"{stats['misses']} data key(s) from the KMS for {stats['hits'] + stats['misses']} file(s)")
     return rc
 
 
