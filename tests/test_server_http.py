@@ -85,6 +85,56 @@ def test_replay_is_refused_across_worker_processes(tmp_path: Path) -> None:
     assert ": OK: 9 records" in result.stdout  # 8 CreateKey + 1 ListKeys
 
 
+def test_worker_listener_opens_its_own_reuseport_socket_in_each_worker() -> None:
+    """Pickled to a worker (as uvicorn sends sockets), the listener is a new socket on the same port."""
+    import pickle
+    import socket
+    from multiprocessing.reduction import ForkingPickler
+
+    from kmsenv.server.runner import worker_listener
+
+    parent = worker_listener("127.0.0.1", 0)
+    try:
+        worker = pickle.loads(ForkingPickler.dumps(parent))
+        try:
+            assert worker.fileno() != parent.fileno()
+            assert worker.getsockname() == parent.getsockname()
+            assert worker.proto == socket.IPPROTO_TCP  # so asyncio sets TCP_NODELAY on its connections
+            assert worker.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+            worker.listen()
+            with socket.create_connection(parent.getsockname(), timeout=5):
+                accepted, _ = worker.accept()  # the parent never listens: the worker's socket gets it
+                accepted.close()
+        finally:
+            worker.close()
+    finally:
+        parent.close()
+
+
+@pytest.mark.slow
+def test_connections_spread_over_worker_processes(tmp_path: Path) -> None:
+    """A burst of connections reaches both workers (each has its own SO_REUSEPORT socket)."""
+    import asyncio
+
+    multi = start_server(tmp_path, "--workers", "2")
+    try:
+
+        async def burst() -> list[int]:
+            async with httpx.AsyncClient(limits=httpx.Limits(max_connections=32)) as client:
+                calls = [client.post(multi.url, params=_signed(multi, "ListKeys")) for _ in range(32)]
+                return [r.status_code for r in await asyncio.gather(*calls)]
+
+        assert asyncio.run(burst()) == [200] * 32
+    finally:
+        multi.stop()
+    pids = {
+        line.split("kmsenv.server.access[", 1)[1].split("]", 1)[0]
+        for line in multi.log.read_text().splitlines()
+        if "kmsenv.server.access[" in line and '"ListKeys"' in line
+    }
+    assert len(pids) == 2, pids
+
+
 @pytest.mark.parametrize(
     ("timestamp", "code"),
     [
@@ -359,10 +409,13 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
-def test_tls_and_graceful_stop(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_tls_and_graceful_stop(tmp_path: Path, workers: str) -> None:
     cert, key = _self_signed(tmp_path)
     trust = ssl.create_default_context(cafile=str(cert))
-    tls = start_server(tmp_path, "--tls-cert", str(cert), "--tls-key", str(key), scheme="https", verify=trust)
+    tls = start_server(
+        tmp_path, "--tls-cert", str(cert), "--tls-key", str(key), "--workers", workers, scheme="https", verify=trust
+    )
     try:
         url = f"https://{tls.endpoint}/"
         params = sign_v1(tls.access_key_id, tls.secret, "ListKeys")

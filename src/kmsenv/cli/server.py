@@ -97,11 +97,10 @@ def _keep_tcp_nodelay_with_workers() -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from kmsenv.kms.service import default_home, open_service
     from kmsenv.server.app import _configure_logging
     from kmsenv.server.config import ServerConfig, read_config_file
+    from kmsenv.server.runner import serve
 
     config = ServerConfig.from_env(
         read_config_file(args.config) if args.config else None,
@@ -133,23 +132,5 @@ def _serve(args: argparse.Namespace) -> int:
         config.store_label(default_home()),
         config.workers,
     )
-    _keep_tcp_nodelay_with_workers()
-    uvicorn.run(
-        "kmsenv.server.app:create_app",
-        factory=True,
-        host=config.host,
-        port=config.port,
-        workers=config.workers,
-        ssl_certfile=config.tls_cert or None,
-        ssl_keyfile=config.tls_key or None,
-        # uvicorn's own access log prints the query string, where v1 requests carry Plaintext and
-        # CiphertextBlobs; the app writes its own access line without it.
-        access_log=False,
-        log_level=config.log_level,
-        server_header=False,
-        # uvicorn trusts X-Forwarded-For from 127.0.0.1 by default: any local client could then
-        # choose the client address the audit records. kmsenv audits the peer it actually sees.
-        proxy_headers=False,
-        timeout_graceful_shutdown=30,
-    )
+    serve(config)
     return 0
