@@ -654,7 +654,9 @@ class AgentKms(AlibabaKms):
         """Send one request object, return its ``result``; agent-side errors raise."""
         with self._connection() as sock:
             try:
-                sock.sendall(encode_frame({"v": PROTOCOL_VERSION, **message}))
+                # The agent may have answered (a refusal) and closed before reading: read that answer.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    sock.sendall(encode_frame({"v": PROTOCOL_VERSION, **message}))
                 answer = read_frame(sock)
             except FrameError as exc:
                 raise self._unavailable(f"answered with a malformed frame ({exc})") from None
