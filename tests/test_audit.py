@@ -156,3 +156,30 @@ def test_cli_verify_defaults_to_the_kms_home(
     monkeypatch.setenv("KMSENV_HOME", str(log_path.parent))
     assert main(["audit", "verify"]) == 0
     assert str(log_path) in capsys.readouterr().out
+
+
+def test_records_carry_the_node_id_and_every_file_is_verified(tmp_path: Path) -> None:
+    from kmsenv.server.audit import verify_all
+
+    for node in ("n1", "n2"):
+        log = AuditLog(tmp_path / f"{node}.jsonl", node=node)
+        for n in range(3):
+            assert log.append(_record(n))["node"] == node
+        log.close()
+    plain = AuditLog(tmp_path / "plain.jsonl")
+    assert "node" not in plain.append(_record(1))
+    plain.close()
+    results = verify_all([tmp_path])
+    assert [(p.name, getattr(s, "nodes", None)) for p, s in results] == [
+        ("n1.jsonl", ("n1",)),
+        ("n2.jsonl", ("n2",)),
+        ("plain.jsonl", ()),
+    ]
+    (tmp_path / "n2.jsonl").write_text((tmp_path / "n2.jsonl").read_text().replace('"code":"OK"', '"code":"X"', 1))
+    outcomes = dict(verify_all([tmp_path / "n1.jsonl", tmp_path / "n2.jsonl"]))
+    assert not isinstance(outcomes[tmp_path / "n1.jsonl"], IntegrityError)
+    assert isinstance(outcomes[tmp_path / "n2.jsonl"], IntegrityError)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="no audit logs"):
+        verify_all([empty])

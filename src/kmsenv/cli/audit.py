@@ -1,4 +1,5 @@
-"""``kmsenv audit verify [FILE]``: check the hash chain of a kmsenv server's audit log."""
+"""``kmsenv audit verify [FILE|DIR ...]``: check the hash chains of kmsenv servers' audit logs
+(one file, one chain, per node)."""
 
 from __future__ import annotations
 
@@ -20,20 +21,34 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     verify = actions.add_parser(
         "verify",
         help="check that no record was edited, deleted, inserted or reordered",
-        description="Check every record's hash and its link to the previous record. Exit 0 with a summary, "
-        "or exit 7 naming the first bad line. Records removed from the end leave no trace in the chain: "
-        "compare the printed head hash with one kept elsewhere.",
+        description="Check every record's hash and its link to the previous record, in each file given (a "
+        "folder: its *.jsonl files; several nodes each write their own chain). One line per file: OK with a "
+        "summary, or the first bad line; exit 0 only if every file is whole, else 7. Records removed from the "
+        "end leave no trace in the chain: compare the printed head hashes with ones kept elsewhere.",
     )
-    verify.add_argument("file", nargs="?", type=Path, metavar="FILE", help="default: KMSENV_HOME/audit.jsonl")
+    verify.add_argument(
+        "files", nargs="*", type=Path, metavar="FILE|DIR", help="default: KMSENV_HOME/audit.jsonl"
+    )
     verify.set_defaults(func=_verify)
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from kmsenv.errors import IntegrityError
     from kmsenv.kms.service import default_home
-    from kmsenv.server.audit import verify
+    from kmsenv.server.audit import verify_all
 
-    path = args.file or default_home() / "audit.jsonl"
-    summary = verify(path)
-    span = f", {summary.first_time} to {summary.last_time}" if summary.records else ""
-    print(f"{path}: OK: {summary.records} records{span}; head hash {summary.head}")
+    results = verify_all(args.files or [default_home() / "audit.jsonl"])
+    failed = [outcome for _, outcome in results if isinstance(outcome, IntegrityError)]
+    for path, outcome in results:
+        if isinstance(outcome, IntegrityError):
+            if len(results) > 1:  # a single file's error is the command's own error message below
+                print(f"{path}: FAILED: {outcome.message}")
+            continue
+        span = f", {outcome.first_time} to {outcome.last_time}" if outcome.records else ""
+        nodes = f"; node {', '.join(outcome.nodes)}" if outcome.nodes else ""
+        print(f"{path}: OK: {outcome.records} records{span}{nodes}; head hash {outcome.head}")
+    if len(failed) == 1:
+        raise failed[0]
+    if failed:
+        raise IntegrityError(f"{len(failed)} of {len(results)} audit logs failed verification (see above)")
     return 0

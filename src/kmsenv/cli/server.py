@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--config",
         type=Path,
         metavar="FILE",
-        help="TOML file of settings (host, port, workers, tls_cert, tls_key, max_body, audit_log, log_level, store)",
+        help="TOML file of settings (host, port, workers, tls_cert, tls_key, max_body, audit_log, log_level, "
+        "store, node_id)",
     )
     parser.add_argument("--host", help="address to listen on (KMSENV_SERVER_HOST; default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="TCP port (KMSENV_SERVER_PORT; default 8080)")
@@ -52,6 +53,10 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--store",
         metavar="URL",
         help="a postgresql:// URL to share one KMS between nodes (KMSENV_STORE; default kms.db in KMSENV_HOME)",
+    )
+    parser.add_argument(
+        "--node-id",
+        help="this node's id in its audit records (KMSENV_NODE_ID; default hostname:port with a shared store)",
     )
     parser.set_defaults(func=_serve)
 
@@ -113,6 +118,7 @@ def _serve(args: argparse.Namespace) -> int:
         audit_log=str(args.audit_log) if args.audit_log else None,
         log_level=args.log_level,
         store=args.store,
+        node_id=args.node_id,
     )
     # Create (or check) the KMS home once, here: workers starting together must not race to
     # create a root key each.

@@ -142,7 +142,7 @@ class _State:
         service = open_service(home, announce=False, store=config.store or None)
         try:
             nonces = open_nonce_store(service.store, home)
-            audit = AuditLog(config.audit_path(home))
+            audit = AuditLog(config.audit_path(home), node=config.audit_node())
             gate = _NonceGate(home / "nonces.lock") if isinstance(nonces, NonceStore) else None
         except BaseException:
             service.close()

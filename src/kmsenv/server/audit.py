@@ -12,6 +12,12 @@ Appends take an exclusive ``fcntl.flock`` on the file, read the last record's ha
 line with one ``write`` call, so worker processes and threads interleave whole records and the
 chain stays linear.
 
+Several nodes (docs/cluster.md): each node writes its own file — one chain per node, shared by
+that node's workers — and stamps every record with its ``node`` id (``--node-id``, default
+``hostname:port``), so collected files say where each record was written. ``flock`` only works on
+a local filesystem: nodes on different hosts must not share one file over a network mount.
+:func:`verify_all` checks every node's chain (``kmsenv audit verify FILE|DIR ...``).
+
 What a record holds is fixed by :func:`audit_record`: time, RequestId, AccessKeyId, Action, the key
 id / alias the request named or resolved, the result code, client address and latency. Never
 plaintext, key material, CiphertextBlobs, EncryptionContext values or secrets: they are not
@@ -32,7 +38,7 @@ from typing import Any
 from kmsenv import _crypto
 from kmsenv.errors import InputError, IntegrityError
 
-__all__ = ["GENESIS", "AuditLog", "AuditSummary", "audit_record", "verify"]
+__all__ = ["GENESIS", "AuditLog", "AuditSummary", "audit_record", "verify", "verify_all"]
 
 GENESIS = "0" * 64
 #: Longest text a record keeps from a client-supplied field (AccessKeyId, Action, KeyId, alias):
@@ -97,10 +103,13 @@ def _last_line(fd: int) -> bytes | None:
 
 
 class AuditLog:
-    """Appends chained records to one file (created 0600). Safe across threads and processes."""
+    """Appends chained records to one file (created 0600). Safe across threads and processes.
 
-    def __init__(self, path: Path) -> None:
+    ``node``: the id stamped on every record (None: no ``node`` field, as before clusters)."""
+
+    def __init__(self, path: Path, *, node: str | None = None) -> None:
         self.path = path
+        self.node = None if node is None else node[:MAX_FIELD]
         self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         self._lock = threading.Lock()
 
@@ -122,6 +131,8 @@ class AuditLog:
                     tail = json.loads(last)
                     seq, prev = int(tail["seq"]) + 1, str(tail["hash"])
                 chained = {**record, "seq": seq, "prev": prev}
+                if self.node is not None:
+                    chained["node"] = self.node
                 chained["hash"] = _digest(chained)
                 os.write(self._fd, _canonical(chained) + b"\n")
             finally:
@@ -135,6 +146,7 @@ class AuditSummary:
     first_time: str | None
     last_time: str | None
     head: str
+    nodes: tuple[str, ...] = ()  # the node ids the records carry, in order of first appearance
 
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -151,6 +163,7 @@ def verify(path: Path) -> AuditSummary:
     """Check the whole chain; raise IntegrityError naming the first bad line."""
     prev, seq, count = GENESIS, 0, 0
     first_time = last_time = None
+    nodes: dict[str, None] = {}
     for number, raw in _lines(path):
         where = f"{path}:{number}"
         try:
@@ -171,4 +184,32 @@ def verify(path: Path) -> AuditSummary:
         prev, seq, count = claimed, record_seq, count + 1
         first_time = first_time or record.get("time")
         last_time = record.get("time")
-    return AuditSummary(count, first_time, last_time, prev)
+        if isinstance(record.get("node"), str):
+            nodes.setdefault(record["node"])
+    return AuditSummary(count, first_time, last_time, prev, tuple(nodes))
+
+
+def audit_files(paths: list[Path]) -> list[Path]:
+    """The files to verify: each file given, and the ``*.jsonl`` files of each folder given."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.glob("*.jsonl") if p.is_file())
+            if not found:
+                raise InputError(f"no audit logs (*.jsonl) in {path}")
+            files.extend(found)
+        else:
+            files.append(path)
+    return files
+
+
+def verify_all(paths: list[Path]) -> list[tuple[Path, AuditSummary | IntegrityError]]:
+    """Verify every file of :func:`audit_files` (each its own chain: one per node); a file that
+    fails is reported with its error, and the others are still checked."""
+    results: list[tuple[Path, AuditSummary | IntegrityError]] = []
+    for path in audit_files(paths):
+        try:
+            results.append((path, verify(path)))
+        except IntegrityError as exc:
+            results.append((path, exc))
+    return results

@@ -41,6 +41,7 @@ _ENV = {
     "log_level": "KMSENV_SERVER_LOG_LEVEL",
     # The same variable every kmsenv command reads: a node's server and CLI use one store.
     "store": "KMSENV_STORE",
+    "node_id": "KMSENV_NODE_ID",
 }
 
 
@@ -57,6 +58,8 @@ class ServerConfig:
     # A postgresql:// URL (docs/cluster.md), or "" for kms.db in the KMS home. It may hold a
     # password: kept out of the repr; messages show it through ``store_label``.
     store: str = field(default="", repr=False)
+    # Stamped on audit records (one chain per node); default hostname:port when the store is shared.
+    node_id: str = ""
 
     @classmethod
     def from_env(cls, file: Mapping[str, object] | None = None, **overrides: object) -> ServerConfig:
@@ -90,6 +93,17 @@ class ServerConfig:
                 f"the store must be a postgresql:// URL, not {redact_url(self.store)!r}",
                 hint="leave it unset for the embedded SQLite store in KMSENV_HOME",
             )
+
+    def audit_node(self) -> str | None:
+        """The node id for audit records: ``node_id``, else ``hostname:port`` for a node on a
+        shared store; None (no ``node`` field) for a single node on its own SQLite store."""
+        if self.node_id:
+            return self.node_id
+        if self.store:
+            import socket
+
+            return f"{socket.gethostname()}:{self.port}"
+        return None
 
     def store_label(self, home: Path) -> str:
         """Where the KMS is, for logs: the store URL without its password, or the SQLite file."""
