@@ -110,7 +110,8 @@ class AesGcm:
 
     __slots__ = ("_aead",)
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes | bytearray) -> None:
+        # A bytearray key may be wiped by the caller once this object exists: OpenSSL keeps its own copy.
         if len(key) not in (16, 24, 32):
             raise ValueError("AES key must be 16, 24 or 32 bytes")
         self._aead = AESGCM(key)
