@@ -31,7 +31,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -278,3 +280,91 @@ def start_node(
         shutil.copy2(root_key, home / "root.key")
         (home / "root.key").chmod(0o600)
     return Node(root, args, extra_env, port).start()
+
+
+# --------------------------------------------------------------------------------- crash load --
+class Ledger:
+    """What a :class:`Load` was told: acknowledged writes, refusals, calls with no answer."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.keys: list[str] = []  # CreateKey answered 200
+        self.aliases: dict[str, str] = {}  # CreateAlias answered 200: alias → key id
+        self.refused_aliases: dict[str, tuple[str, str]] = {}  # alias → (key id, the error code)
+        self.unknown_aliases: dict[str, str] = {}  # no answer (connection lost): alias → key id
+        self.blobs: list[tuple[str, str]] = []  # Encrypt/GenerateDataKey answered 200: (blob, plaintext)
+        self.codes: Counter[str] = Counter()
+        self.no_answer = 0
+        self.slowest_refusal_s = 0.0  # the longest an error answer took
+
+
+class Load:
+    """Signed requests (v1, raw HTTP) from ``threads`` threads, round robin over ``nodes``, until
+    :meth:`stop`: CreateKey, CreateAlias (a new name each time), Encrypt and GenerateDataKey, each
+    outcome written to the :class:`Ledger`."""
+
+    ACTIONS = ("CreateKey", "CreateAlias", "Encrypt", "GenerateDataKey")
+
+    def __init__(self, nodes: list[Node], creds: tuple[str, str], key_id: str, *, threads: int = 4) -> None:
+        self.nodes = nodes
+        self.creds = creds
+        self.key_id = key_id
+        self.ledger = Ledger()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> Ledger:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+        return self.ledger
+
+    def _run(self, number: int) -> None:
+        import httpx
+
+        from test_server_harness import sign_v1
+
+        ledger = self.ledger
+        with httpx.Client(timeout=20) as client:
+            for i in itertools.count():
+                if self._stop.is_set():
+                    return
+                node = self.nodes[(number + i) % len(self.nodes)]
+                action = self.ACTIONS[i % len(self.ACTIONS)]
+                params: dict[str, str] = {}
+                if action == "CreateAlias":
+                    params = {"AliasName": f"alias/crash/{number}-{i}", "KeyId": self.key_id}
+                elif action == "Encrypt":
+                    params = {"KeyId": self.key_id, "Plaintext": f"plaintext {number}-{i}"}
+                elif action == "GenerateDataKey":
+                    params = {"KeyId": self.key_id}
+                started = time.monotonic()
+                try:
+                    reply = client.post(node.url, params=sign_v1(*self.creds, action, params))
+                    body = reply.json()
+                except (httpx.HTTPError, ValueError):
+                    with ledger.lock:
+                        ledger.no_answer += 1
+                        if action == "CreateAlias":
+                            ledger.unknown_aliases[params["AliasName"]] = self.key_id
+                    time.sleep(0.01)  # a dead node refuses at once: do not spin
+                    continue
+                took = time.monotonic() - started
+                with ledger.lock:
+                    if reply.status_code != 200:
+                        ledger.codes[str(body.get("Code"))] += 1
+                        ledger.slowest_refusal_s = max(ledger.slowest_refusal_s, took)
+                        if action == "CreateAlias":
+                            ledger.refused_aliases[params["AliasName"]] = (self.key_id, str(body.get("Code")))
+                        continue
+                    ledger.codes["OK"] += 1
+                    if action == "CreateKey":
+                        ledger.keys.append(body["KeyMetadata"]["KeyId"])
+                    elif action == "CreateAlias":
+                        ledger.aliases[params["AliasName"]] = self.key_id
+                    elif action == "Encrypt":
+                        ledger.blobs.append((body["CiphertextBlob"], params["Plaintext"]))
+                    else:
+                        ledger.blobs.append((body["CiphertextBlob"], body["Plaintext"]))

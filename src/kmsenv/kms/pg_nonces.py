@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,12 +40,15 @@ _CLAIM = (
 
 
 class PgNonceStore:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, reachable: Callable[[], bool] | None = None) -> None:
         import psycopg_pool
 
         from kmsenv.kms.pg_store import CONNECT_TIMEOUT_S
 
         self._url = url
+        # The key store's word on whether the database answers at all (its change listener):
+        # while it does not, a claim fails at once rather than after the pool's timeout.
+        self._reachable = reachable or (lambda: True)
         self._pool = psycopg_pool.ConnectionPool(
             url,
             min_size=1,
@@ -68,6 +72,10 @@ class PgNonceStore:
         import psycopg
 
         now = time.time() if now is None else now
+        if not self._reachable():
+            from kmsenv.errors import KmsError
+
+            raise KmsError("ServiceUnavailableTemporary", "The KMS store is unavailable; try again.")
         with self._lock:
             purge, self._last_purge = (
                 (True, now) if now - self._last_purge > _PURGE_EVERY_S else (False, self._last_purge)
@@ -92,5 +100,5 @@ def open_nonce_store(store: Store, home: Path) -> NonceStore | PgNonceStore:
     """The nonce store that goes with ``store``: its database for PostgreSQL, else ``home/nonces.db``."""
     url = getattr(store, "url", None)
     if isinstance(url, str):
-        return PgNonceStore(url)
+        return PgNonceStore(url, reachable=getattr(store, "reachable", None))
     return NonceStore(home / "nonces.db")

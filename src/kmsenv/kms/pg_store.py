@@ -270,6 +270,9 @@ class _ChangeListener:
         self._proved = 0.0  # monotonic time of the last answered heartbeat; 0: not live
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        #: Set while the database refuses or does not answer new connections (a connection
+        #: attempt failed; not merely a dropped connection): callers then fail at once.
+        self.down = False
         self._thread = threading.Thread(target=self._run, name="kmsenv-store-listen", daemon=True)
         self._thread.start()
 
@@ -290,8 +293,8 @@ class _ChangeListener:
             self._proved = 0.0 if proved is None else proved
 
     def _run(self) -> None:
-        down = False  # log an outage once, not every reconnection attempt
         while not self._stop.is_set():
+            connected = False
             try:
                 with psycopg.connect(
                     self._url,
@@ -305,11 +308,12 @@ class _ChangeListener:
                     keepalives_interval=1,
                     keepalives_count=2,
                 ) as conn:
+                    connected = True
                     conn.execute(f"LISTEN {CHANGES_CHANNEL}")
                     self._bump(proved=time.monotonic())  # anything may have changed while away
-                    if down:
-                        _log.warning("change listener on %s is listening again", redact(self._url))
-                        down = False
+                    if self.down:
+                        _log.warning("the KMS store %s answers again", redact(self._url))
+                        self.down = False
                     while not self._stop.is_set():
                         for _ in conn.notifies(timeout=LISTEN_HEARTBEAT_S):
                             self._bump(proved=time.monotonic())
@@ -322,9 +326,15 @@ class _ChangeListener:
                             self._proved = sent
             except psycopg.Error as exc:
                 self._bump(proved=None)
-                if not down:
+                if connected:
+                    # Dropped (a restart, a terminated backend): reconnect at once; only a
+                    # failed attempt says the database is down.
                     _log.warning("change listener on %s lost its connection: %s", redact(self._url), exc)
-                    down = True
+                    self._stop.wait(0.05)
+                    continue
+                if not self.down:
+                    _log.warning("the KMS store %s is unreachable: %s", redact(self._url), exc)
+                    self.down = True
                 self._stop.wait(0.5)
             except BaseException:  # never let a cache trust a dead listener
                 self._bump(proved=None)
@@ -364,6 +374,13 @@ class PostgresStore:
                 self._listener = None
         self._pool.close()
 
+    def reachable(self) -> bool:
+        """False while the change listener finds the database refusing connections: callers
+        answer ``ServiceUnavailableTemporary`` at once instead of waiting for a pooled
+        connection that cannot come (up to the pool's 30 s). Rechecked every 0.5 s."""
+        listener = self._listener
+        return listener is None or not listener.down
+
     def change_counter(self) -> int | None:
         """Moves whenever any node (this one included) may have committed a change; None while
         that cannot be told (see :class:`_ChangeListener`). The first call starts listening."""
@@ -378,6 +395,8 @@ class PostgresStore:
     @contextlib.contextmanager
     def transaction(self, *, write: bool) -> Iterator[Tx]:
         """Run the block in one transaction: committed if it returns, rolled back if it raises."""
+        if not self.reachable():
+            raise KmsError("ServiceUnavailableTemporary", "The KMS store is unavailable; try again.")
         try:
             with self._begin(_BEGIN_WRITE if write else _BEGIN_READ) as conn:
                 try:
