@@ -79,9 +79,12 @@ def worker_listener(host: str, port: int) -> socket.socket:
 def uvicorn_config(config: ServerConfig) -> Any:
     import uvicorn
 
+    from kmsenv.server.protocol import KmsHttpProtocol
+
     return uvicorn.Config(
         APP,
         factory=True,
+        http=KmsHttpProtocol,
         host=config.host,
         port=config.port,
         workers=config.workers,
