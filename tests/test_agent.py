@@ -325,6 +325,23 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
 
 
+def test_sigterm_stops_cleanly_and_removes_the_socket(agent: Agent) -> None:
+    agent.client.generate_data_key(ALIAS, encryption_context=CONTEXT)
+    agent.proc.terminate()
+    assert agent.proc.wait(timeout=30) == 0
+    assert not agent.sock.exists()
+
+
+def test_detached_start_creates_the_embedded_kms_where_the_user_sees_it(kms_home: Path, sockdir: Path) -> None:
+    sock = sockdir / "n" / "agent.sock"
+    r = run_kmsenv(kms_home, "agent", "start", "--socket", str(sock))
+    try:
+        assert r.returncode == 0, r.stderr
+        assert "back up the root key" in r.stderr
+    finally:
+        run_kmsenv(kms_home, "agent", "stop", "--socket", str(sock))
+
+
 def test_a_killed_agent_is_a_clear_error(agent: Agent, tmp_path: Path) -> None:
     src = tmp_path / "a.txt"
     src.write_text("hello\n")

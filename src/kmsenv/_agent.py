@@ -69,6 +69,8 @@ MAX_FRAME = 64 << 10
 MAX_CONNECTIONS = 32
 #: A connection that sends nothing for this long is closed (a stuck client holds no thread forever).
 IDLE_TIMEOUT = 10.0
+#: How long a stopping agent waits for connections in flight to finish before it exits.
+DRAIN_TIMEOUT = 2.0
 #: How long a client waits for an answer: the agent may be calling a remote KMS.
 CLIENT_TIMEOUT = 120.0
 #: sockaddr_un.sun_path is 108 bytes on Linux, NUL included.
@@ -525,8 +527,19 @@ class AgentServer:
                         break
                     raise
                 self._admit(conn)
+            self._drain(DRAIN_TIMEOUT)
         finally:
             self.close()
+
+    def _drain(self, timeout: float) -> None:
+        """Let connections in flight finish (above all the one that asked to ``stop``: it must get
+        its answer before this process exits and takes the daemon threads with it)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._count_lock:
+                if self._connections == 0:
+                    return
+            time.sleep(0.01)
 
     def shutdown(self) -> None:
         """Stop serving (from a signal handler or another thread); keys are wiped by :meth:`close`."""

@@ -120,6 +120,10 @@ def _start(args: argparse.Namespace) -> int:
     _check_path_length(path)
     limits = _limits(args)  # validated here, before anything detaches
     if not args.foreground:
+        if not is_remote(args):
+            # Open (and on first use create) the embedded KMS here, where the user sees its
+            # messages ("back up the root key") and errors; the detached agent's stderr goes nowhere.
+            open_kms(args).close()
         return _detach(args, path)
     from kmsenv._agent import AgentServer, run_agent
 
