@@ -66,9 +66,12 @@ def free_port() -> int:
 
 
 class Cluster:
-    """One running PostgreSQL server in a temporary folder; :meth:`stop` removes every trace."""
+    """One running PostgreSQL server in a temporary folder; :meth:`stop` removes every trace.
 
-    def __init__(self) -> None:
+    ``durable``: keep PostgreSQL's disk flushes (``fsync``, full page writes), as a production
+    server would; benchmarks want it, tests do not need it."""
+
+    def __init__(self, *, durable: bool = False) -> None:
         self.bin = find_bin_dir()
         self.as_root = os.geteuid() == 0
         self.user = RUN_AS_ROOT_USER if self.as_root else getpass.getuser()
@@ -95,11 +98,10 @@ class Cluster:
                 f"-c port={self.port}",
                 f"-c unix_socket_directories={self.dir}",
                 "-c max_connections=300",
-                # A throwaway cluster: nothing to keep across a crash of the machine, so skip the
-                # disk flushes. (A killed server process loses nothing: the OS keeps its writes.)
-                "-c fsync=off",
-                "-c full_page_writes=off",
             ]
+            # A throwaway cluster: nothing to keep across a crash of the machine, so skip the
+            # disk flushes. (A killed server process loses nothing: the OS keeps its writes.)
+            + ([] if durable else ["-c fsync=off", "-c full_page_writes=off"])
         )
         self.start()
 
