@@ -140,3 +140,87 @@ def test_unwritable_folder(readonly_dir: Path, flavour: str) -> None:
     with pytest.raises(OutputError, match="cannot write in the output folder"), AtomicOutput(readonly_dir / "out"):
         pass
     assert list(readonly_dir.iterdir()) == []
+
+
+# ------------------------------------------------------------------------- deferred folder sync --
+
+
+def _record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, tuple[int, int]]]:
+    """Every fsync as ("dir" | "file", (st_dev, st_ino)), in order."""
+    seen: list[tuple[str, tuple[int, int]]] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        seen.append(("dir" if stat.S_ISDIR(st.st_mode) else "file", (st.st_dev, st.st_ino)))
+        real(fd)
+
+    monkeypatch.setattr(_atomic.os, "fsync", fsync)
+    return seen
+
+
+def _inode(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino
+
+
+def test_without_deferral_every_output_syncs_its_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _record_fsyncs(monkeypatch)
+    for i in range(3):
+        with AtomicOutput(tmp_path / f"f{i}") as f:
+            f.write(b"x")
+    assert [kind for kind, _ in seen] == ["file", "dir"] * 3
+
+
+def test_deferred_folder_sync_once_per_folder(tmp_path: Path, flavour: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside deferring(), each output is still synced and linked when its block ends; each folder
+    is synced once, by sync(), after the files in it."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    seen = _record_fsyncs(monkeypatch)
+    folders = _atomic.FolderSync()
+    with folders.deferring():
+        for i in range(3):
+            for sub in ("a", "b"):
+                with AtomicOutput(tmp_path / sub / f"f{i}", force=i == 2) as f:
+                    f.write(b"data %d" % i)
+                assert (tmp_path / sub / f"f{i}").read_bytes() == b"data %d" % i  # in place already
+        with pytest.raises(RuntimeError), AtomicOutput(tmp_path / "a" / "failed") as f:
+            f.write(b"partial")
+            raise RuntimeError("boom")
+    assert [kind for kind, _ in seen] == ["file"] * 6  # no folder synced yet
+    assert "pending=2" in repr(folders)
+    folders.sync()
+    assert sorted(seen[6:]) == sorted([("dir", _inode(tmp_path / "a")), ("dir", _inode(tmp_path / "b"))])
+    assert len(seen) == 8
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["f0", "f1", "f2"]
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(TEMP_SUFFIX)]
+    folders.sync()  # nothing left to do, nothing left open
+    assert len(seen) == 8
+    with AtomicOutput(tmp_path / "after") as f:  # outside the block: back to a sync per output
+        f.write(b"x")
+    assert [kind for kind, _ in seen[8:]] == ["file", "dir"]
+
+
+def test_deferred_folders_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At most max_open folder descriptors wait: the oldest is synced early, none is lost."""
+    seen = _record_fsyncs(monkeypatch)
+    folders = _atomic.FolderSync(max_open=2)
+    names = [f"d{i}" for i in range(5)]
+    with folders.deferring():
+        for name in names:
+            (tmp_path / name).mkdir()
+            with AtomicOutput(tmp_path / name / "f") as f:
+                f.write(b"x")
+    folders.sync()
+    synced = [inode for kind, inode in seen if kind == "dir"]
+    assert sorted(synced) == sorted(_inode(tmp_path / n) for n in names)
+    assert synced[:3] == [_inode(tmp_path / n) for n in names[:3]]  # evicted in order, before the end
+
+
+def test_symlink_to_a_folder_as_target(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "d")
+    with pytest.raises(OutputError, match="is a folder"), AtomicOutput(tmp_path / "link", force=True):
+        pass
+    assert (tmp_path / "link").is_symlink()

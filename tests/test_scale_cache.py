@@ -255,11 +255,12 @@ def test_cached_unwrap_still_authenticates_each_header(tmp_path: Path, kms: Embe
     """A cache hit replaces only the KMS call: a file whose header was altered (same wrapped key)
     still fails its commitment check, and its output never appears."""
     outs = encrypt_all(files(tmp_path / "in", 2), kms, key, DataKeyCache())
-    flip(outs[1], read_header(outs[1]).size - 40)  # inside the salt/commitment/body, not the blob
+    flip(outs[1], outs[1].read_bytes().index(read_header(outs[1]).salt))  # the salt: the blob is intact
     cache = DataKeyCache()
     envelope.decrypt_file(outs[0], tmp_path / "ok", kms=kms, cache=cache)
     with pytest.raises(IntegrityError):
         envelope.decrypt_file(outs[1], tmp_path / "bad", kms=kms, cache=cache)
+    assert cache.stats()["unwrap_hits"] == 1  # the KMS was not asked: the header check caught it
     assert not (tmp_path / "bad").exists()
 
 

@@ -381,3 +381,24 @@ def test_a_wrong_size_hint_never_changes_the_bytes(hint: int | None, length: int
     back = io.BytesIO()
     fmt.decrypt_stream(io.BytesIO(outputs[0]), back, file_key, chunk_size=4096, expected_size=hint)
     assert back.getvalue() == plaintext
+
+
+def test_folder_run_syncs_each_output_folder_once(
+    tree: Path, tmp_path: Path, key: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every output is fsynced; each output folder once, at the end (not once per file)."""
+    from kmsenv import _atomic
+
+    kinds: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        kinds.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real(fd)
+
+    monkeypatch.setattr(_atomic.os, "fsync", fsync)
+    rc, _, err = cli(capsys, "encrypt", "-r", str(tree), "-o", str(tmp_path / "enc"), "--key-id", key)
+    assert rc == 0, err
+    assert kinds.count("file") == len(TREE)
+    assert kinds.count("dir") == 3  # enc, enc/sub, enc/sub/deeper
+    assert kinds[-3:] == ["dir"] * 3

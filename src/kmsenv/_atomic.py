@@ -11,6 +11,12 @@ partial plaintext. On a clean exit it is flushed, fsynced, given its final mode,
 
 then the folder is fsynced so the new entry survives a power cut.
 
+Runs over many files may share that last step: inside ``with folders.deferring():`` (a
+:class:`FolderSync`), each output is still fsynced and linked before its ``with`` block returns,
+but its folder is fsynced once for all outputs in it, by :meth:`FolderSync.sync`, which the run
+calls before it reports success. The crash guarantee is unchanged (a name appears only for a
+complete, synced file); until ``sync`` a power cut may lose names, never leave partial files.
+
 Where ``O_TMPFILE`` is unsupported (some filesystems answer ``EOPNOTSUPP``/``EISDIR``; or
 ``/proc`` is not mounted, which linking an anonymous file needs), a named temporary file is used
 instead: mode 0600 from creation, removed on any failure that Python sees. Only a ``kill -9`` in
@@ -20,16 +26,20 @@ that fallback can leave a ``.<name>.*.kmsenv-tmp`` file behind.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import os
 import secrets
+import stat
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
 from kmsenv.errors import OutputError
 
-__all__ = ["PRIVATE_MODE", "TEMP_SUFFIX", "AtomicOutput", "same_file"]
+__all__ = ["PRIVATE_MODE", "TEMP_SUFFIX", "AtomicOutput", "FolderSync", "same_file"]
 
 #: Mode of outputs that hold plaintext: readable by the owner only.
 PRIVATE_MODE = 0o600
@@ -39,6 +49,78 @@ _DEFAULT_CREATE_MODE = 0o666  # the kernel applies the umask, as for any new fil
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0)
 #: Errors with which a filesystem or kernel says "no O_TMPFILE here" (not "you may not write").
 _NO_TMPFILE = {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOTSUP}
+#: Whether /proc/self/fd exists (linking an anonymous file needs it); looked up once.
+_proc_fd: bool | None = None
+
+
+def _have_proc_fd() -> bool:
+    global _proc_fd  # noqa: PLW0603 - a fact about this process, computed once
+    if _proc_fd is None:
+        _proc_fd = os.path.isdir("/proc/self/fd")
+    return _proc_fd
+
+
+class FolderSync:
+    """Folder fsyncs deferred and shared by the outputs of a run (see the module docstring).
+
+    Thread-safe. Holds one descriptor per distinct folder (at most ``max_open``; beyond that
+    the oldest is synced and closed early). :meth:`sync` fsyncs and closes them all; call it
+    before reporting success, also after failures (files already linked deserve durability).
+    """
+
+    def __init__(self, *, max_open: int = 64) -> None:
+        self._max_open = max_open
+        self._lock = threading.Lock()
+        self._folders: dict[tuple[int, int], int] = {}
+
+    def __repr__(self) -> str:
+        return f"FolderSync(pending={len(self._folders)})"
+
+    @contextlib.contextmanager
+    def deferring(self) -> Iterator[None]:
+        """Outputs committed in this block (in this thread) leave their folder's fsync to us."""
+        token = _DEFERRED.set(self)
+        try:
+            yield
+        finally:
+            _DEFERRED.reset(token)
+
+    def adopt(self, dir_fd: int) -> None:
+        """Take ``dir_fd`` (an open folder, now ours to close) for the next :meth:`sync`."""
+        try:
+            st = os.fstat(dir_fd)
+        except OSError:
+            os.close(dir_fd)
+            return
+        key = (st.st_dev, st.st_ino)
+        oldest: int | None = None
+        with self._lock:
+            duplicate = key in self._folders  # already pending: one descriptor per folder is enough
+            if not duplicate:
+                self._folders[key] = dir_fd
+                if len(self._folders) > self._max_open:
+                    oldest = self._folders.pop(next(iter(self._folders)))
+        if duplicate:
+            os.close(dir_fd)
+        if oldest is not None:
+            _sync_and_close(oldest)
+
+    def sync(self) -> None:
+        """fsync every pending folder once and close it."""
+        with self._lock:
+            folders, self._folders = list(self._folders.values()), {}
+        for fd in folders:
+            _sync_and_close(fd)
+
+
+def _sync_and_close(dir_fd: int) -> None:
+    # Some filesystems refuse to fsync a folder: that costs durability, not correctness (below).
+    with contextlib.suppress(OSError):
+        os.fsync(dir_fd)
+    os.close(dir_fd)
+
+
+_DEFERRED: contextvars.ContextVar[FolderSync | None] = contextvars.ContextVar("kmsenv_folder_sync", default=None)
 
 
 def _describe(exc: OSError) -> str:
@@ -79,12 +161,17 @@ class AtomicOutput:
     # ------------------------------------------------------------------------------ open --
     def __enter__(self) -> BinaryIO:
         folder = self.path.parent
-        if self.path.is_dir():
-            raise OutputError(f"the output {self.path} is a folder")
-        # Early, friendly refusal before any work is done; the link in commit() is what makes
-        # no-clobber hold even if the target appears in the meantime.
-        if not self.force and os.path.lexists(self.path):
-            raise self._exists_error()
+        try:
+            st = os.lstat(self.path)  # one call for the common case: nothing there yet
+        except OSError:
+            st = None
+        if st is not None:
+            if stat.S_ISDIR(st.st_mode) or (stat.S_ISLNK(st.st_mode) and self.path.is_dir()):
+                raise OutputError(f"the output {self.path} is a folder")
+            # Early, friendly refusal before any work is done; the link in commit() is what makes
+            # no-clobber hold even if the target appears in the meantime.
+            if not self.force:
+                raise self._exists_error()
         try:
             # Every later step is relative to this descriptor, so a rename of the folder (or of
             # a symlink on its path) mid-way cannot send the output somewhere else.
@@ -110,7 +197,7 @@ class AtomicOutput:
 
     def _open_anonymous(self, create_mode: int) -> int | None:
         """An O_TMPFILE descriptor in the folder, or None if this system cannot give one."""
-        if not _O_TMPFILE or not os.path.isdir("/proc/self/fd"):
+        if not _O_TMPFILE or not _have_proc_fd():
             return None
         try:
             return os.open(".", _O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, create_mode, dir_fd=self._dir_fd)
@@ -176,7 +263,12 @@ class AtomicOutput:
             self._link(f.fileno())
             f.close()
             self._file = None
-            self._sync_folder()
+            deferred = _DEFERRED.get()
+            if deferred is None:
+                self._sync_folder()
+            elif self._dir_fd is not None:
+                deferred.adopt(self._dir_fd)  # fsynced once per folder by the run, closed there
+                self._dir_fd = None
         except BaseException:
             self.abort()
             raise

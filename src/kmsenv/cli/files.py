@@ -11,6 +11,7 @@ the envelope layer makes, so a missing input or an existing output is reported w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -501,7 +502,12 @@ _FileWork = Callable[["Kms", str, str, int | None], dict[str, Any]]
 
 
 def _run_tree(args: argparse.Namespace, work: _FileWork, *, decrypt: bool, cache: DataKeyCache | None) -> int:
-    """``-r``: every file below INPUT into OUTDIR, ``--jobs`` at a time (see :mod:`kmsenv._tree`)."""
+    """``-r``: every file below INPUT into OUTDIR, ``--jobs`` at a time (see :mod:`kmsenv._tree`).
+
+    Each output is fsynced and linked as it is written; the folders' own fsyncs (which make the
+    new names durable) are done once per folder at the end, before the exit code is returned.
+    """
+    from kmsenv._atomic import FolderSync
     from kmsenv._tree import check_roots, plan
 
     if not args.output:
@@ -514,7 +520,10 @@ def _run_tree(args: argparse.Namespace, work: _FileWork, *, decrypt: bool, cache
     # Files run side by side: the streams inside each run inline (a writer thread each would
     # only add hand-offs); a single job keeps the default engine.
     threads = None if jobs == 1 else 1
-    with _metadata(args.metadata_output) as meta, kms_from_args(args) as kms:
+    folders = FolderSync()
+    made: set[str] = set()  # output folders known to exist: one makedirs per folder, not per file
+    with _metadata(args.metadata_output) as meta, kms_from_args(args) as kms, contextlib.ExitStack() as finish:
+        finish.callback(folders.sync)  # also after failures and Ctrl-C: what was linked stays
 
         def task(item: TreeItem) -> Task:
             if item.skipped is not None:
@@ -524,8 +533,12 @@ def _run_tree(args: argparse.Namespace, work: _FileWork, *, decrypt: bool, cache
             src, dst = item.input, item.output
 
             def run() -> dict[str, Any]:
-                _make_folder(os.path.dirname(dst), private=decrypt)
-                return work(kms, src, dst, threads)
+                folder = os.path.dirname(dst)
+                if folder not in made:
+                    _make_folder(folder, private=decrypt)
+                    made.add(folder)
+                with folders.deferring():
+                    return work(kms, src, dst, threads)
 
             return Task(src, dst, run)
 
