@@ -221,6 +221,29 @@ def test_a_loop_of_cli_encrypts_makes_one_generate_data_key(agent: Agent, tmp_pa
     assert len(blobs(outputs)) == n
 
 
+def test_rewrap_through_the_agent(agent: Agent, tmp_path: Path) -> None:
+    service = open_service(agent.home, announce=False)
+    second = service.create_key()["KeyMetadata"]["KeyId"]
+    service.close()
+    files = []
+    for i in range(2):
+        src = tmp_path / f"r{i}.txt"
+        src.write_text(f"rewrap me {i}\n")
+        assert agent.run("encrypt", "--key-id", ALIAS, str(src)).returncode == 0
+        files.append(src.with_name(src.name + ".cipher"))
+    r = agent.run("rewrap", "--key-id", second, *map(str, files))
+    assert r.returncode == 0, r.stderr
+    # The two files share one data key: one Decrypt; each file's new wrapping is its own ReEncrypt.
+    calls = agent.status()["kms_calls"]
+    assert calls["GenerateDataKey"] == 1
+    assert calls["Decrypt"] == 1
+    assert calls["ReEncrypt"] == 2
+    out = tmp_path / "r1.out"
+    r = agent.run("decrypt", "--no-agent", "--key-id", second, str(files[1]), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert out.read_text() == "rewrap me 1\n"
+
+
 def test_concurrent_misses_coalesce_into_one_kms_call(agent: Agent) -> None:
     results: list[bytes] = []
     errors: list[BaseException] = []

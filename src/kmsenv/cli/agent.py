@@ -13,9 +13,6 @@ import argparse
 import contextlib
 import json
 import os
-import select
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -110,6 +107,8 @@ def _describe(args: argparse.Namespace) -> str:
 
 
 def _export_line(path: Path) -> str:
+    import shlex
+
     return f"export KMSENV_AGENT_SOCK={shlex.quote(str(path))}"
 
 
@@ -156,6 +155,8 @@ def _start(args: argparse.Namespace) -> int:
 
 def _detach(args: argparse.Namespace, path: Path) -> int:
     """Run the agent as a new session in the background; return once it listens (or failed)."""
+    import subprocess
+
     argv = [sys.executable, "-m", "kmsenv", "agent", "start", "--foreground", "--socket", str(path)]
     for option, value in (
         ("--ttl", args.ttl),
@@ -202,6 +203,8 @@ def _detach(args: argparse.Namespace, path: Path) -> int:
 
 def _read_ready(fd: int, timeout: float) -> bytes:
     """What the child wrote on its ready pipe, up to its first newline or end of file."""
+    import select
+
     deadline = time.monotonic() + timeout
     data = b""
     while b"\n" not in data:
