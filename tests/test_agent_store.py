@@ -82,3 +82,22 @@ def test_no_key_material_in_reprs_or_pickles(server: AgentServer) -> None:
     status = str(server.status())
     assert made["Plaintext"] not in status
     assert made["CiphertextBlob"] not in status
+
+
+def test_an_unexpected_failure_is_answered_and_the_agent_goes_on(
+    server: AgentServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real = server.kms
+
+    class Broken:
+        def call(self, action: str, params: dict[str, str]) -> dict[str, Any]:
+            raise RuntimeError("secret-looking detail")
+
+    server.kms = Broken()  # type: ignore[assignment]
+    answer = call(server, "GenerateDataKey", KeyId=ALIAS)
+    assert answer["error"] == {"class": "InternalError", "message": "the agent failed to serve the request"}
+    logged = capsys.readouterr().err
+    assert "RuntimeError" in logged
+    assert "secret-looking detail" not in logged + str(answer)
+    server.kms = real
+    assert call(server, "GenerateDataKey", KeyId=ALIAS)["ok"]

@@ -478,6 +478,11 @@ class AgentServer:
             return _error("KmsError", exc.message, exc.code)
         except KmsenvError as exc:
             return _error(type(exc).__name__, exc.message)
+        except Exception as exc:
+            # A bug (or a store failure) must not kill the agent or leave the client hanging; the
+            # message may quote data, so only the class is logged and a fixed sentence answered.
+            print(f"kmsenv agent: internal error serving {op}: {type(exc).__name__}", file=sys.stderr)
+            return _error("InternalError", "the agent failed to serve the request")
 
     # -- socket --
 
