@@ -58,6 +58,14 @@ def test_encrypt_and_reencrypt_pass_through(server: AgentServer) -> None:
     assert len(server.store) == 1
 
 
+@pytest.mark.parametrize("context", ['{"a":"1","a":"1"}', '{"a":1}', '{"a":{"b":"c"}}', '"a"', "{"])
+def test_a_context_the_agent_cannot_compare_always_goes_to_the_kms(server: AgentServer, context: str) -> None:
+    for _ in range(2):
+        call(server, "GenerateDataKey", KeyId=ALIAS, EncryptionContext=context)
+    assert server.status()["kms_calls"] == {"GenerateDataKey": 2}
+    assert len(server.store) == 0
+
+
 @pytest.mark.parametrize("limits", [{"ttl": 0}, {"max_uses": 0}, {"max_keys": -1}, {"ttl": True}, {"ttl": "5"}])
 def test_limits_must_be_positive_numbers(limits: dict[str, Any]) -> None:
     with pytest.raises(UsageError):

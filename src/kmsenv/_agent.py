@@ -83,6 +83,9 @@ PASSED_ACTIONS = frozenset({"Encrypt", "ReEncrypt", "DescribeKey"})
 OPS = frozenset({"call", "key_arn", "status", "flush", "stop"})
 
 _LENGTH = struct.Struct(">I")
+
+#: A held key's identity: the Action and its sorted (name, value) wire parameters.
+CacheKey = tuple[str, tuple[tuple[str, str], ...]]
 _UCRED = struct.Struct("3i")
 
 
@@ -249,7 +252,7 @@ class KeyStore:
         self.limits = limits
         self._clock = clock
         self._lock = threading.Lock()
-        self._entries: OrderedDict[tuple[str, ...], _Held] = OrderedDict()
+        self._entries: OrderedDict[CacheKey, _Held] = OrderedDict()
         self.wiped = 0
 
     def __repr__(self) -> str:
@@ -266,12 +269,12 @@ class KeyStore:
         with self._lock:
             return [held.key for held in self._entries.values()]
 
-    def _drop(self, key: tuple[str, ...]) -> None:
+    def _drop(self, key: CacheKey) -> None:
         held = self._entries.pop(key)
         _wipe(held.key)
         self.wiped += 1
 
-    def take(self, key: tuple[str, ...]) -> dict[str, Any] | None:
+    def take(self, key: CacheKey) -> dict[str, Any] | None:
         """The held answer for ``key`` with its ``Plaintext``, counting one use; None if absent or expired."""
         with self._lock:
             held = self._entries.get(key)
@@ -287,7 +290,7 @@ class KeyStore:
                 self._drop(key)  # used up: the next request asks the KMS for a new key
             return answer
 
-    def put(self, key: tuple[str, ...], response: dict[str, Any], plaintext: bytearray) -> None:
+    def put(self, key: CacheKey, response: dict[str, Any], plaintext: bytearray) -> None:
         """Hold ``plaintext`` (taken over, not copied) for ``key``; this put counts as its first use."""
         with self._lock:
             if key in self._entries:
@@ -320,22 +323,30 @@ class KeyStore:
             return n
 
 
-def _cache_key(action: str, params: Mapping[str, str]) -> tuple[str, ...] | None:
-    """The store key of a cacheable request: the Action and every parameter, the context in one
-    canonical form (key order and spacing do not matter to the KMS, so they must not here).
-    None when the context is not a JSON object: the KMS will refuse it, and refusals are not cached.
+def _flat_pairs(pairs: list[tuple[Any, Any]]) -> dict[str, str]:
+    names = [k for k, _ in pairs]
+    if len(set(names)) != len(names) or not all(isinstance(v, str) for _, v in pairs):
+        raise ValueError("not a flat context")  # duplicates or non-strings: let the KMS judge it
+    return dict(pairs)
+
+
+def _cache_key(action: str, params: Mapping[str, str]) -> CacheKey | None:
+    """The store key of a cacheable request: the Action and every (name, value) parameter pair,
+    the context in one canonical form (key order and spacing do not matter to the KMS, so they
+    must not here). None when the context is anything but a flat JSON object of strings without
+    repeated keys: such a request always goes to the KMS, which decides, and refusals are not held.
     """
     items = dict(params)
     text = items.get("EncryptionContext")
     if text is not None:
         try:
-            context = json.loads(text)
+            context = json.loads(text, object_pairs_hook=_flat_pairs)
         except ValueError:
             return None
         if not isinstance(context, dict):
             return None
         items["EncryptionContext"] = json.dumps(context, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return (action, *(f"{k}={v}" for k, v in sorted(items.items())))
+    return (action, tuple(sorted(items.items())))
 
 
 def _key_bytes(response: dict[str, Any]) -> bytearray:
