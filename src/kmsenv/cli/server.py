@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         type=Path,
         metavar="FILE",
         help="TOML file of settings (host, port, workers, tls_cert, tls_key, max_body, audit_log, log_level, "
-        "store, node_id)",
+        "store, node_id, rate_limit, rate_burst)",
     )
     parser.add_argument("--host", help="address to listen on (KMSENV_SERVER_HOST; default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="TCP port (KMSENV_SERVER_PORT; default 8080)")
@@ -57,6 +57,19 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     parser.add_argument(
         "--node-id",
         help="this node's id in its audit records (KMSENV_NODE_ID; default hostname:port with a shared store)",
+    )
+    parser.add_argument(
+        "--rate-limit",
+        type=int,
+        metavar="N",
+        help="requests per second per AccessKey, answered Rejected.Throttling above it; 0 turns it off "
+        "(KMSENV_SERVER_RATE_LIMIT; default 1000)",
+    )
+    parser.add_argument(
+        "--rate-burst",
+        type=int,
+        metavar="N",
+        help="requests an AccessKey may send at once above its rate (KMSENV_SERVER_RATE_BURST; default 2000)",
     )
     parser.set_defaults(func=_serve)
 
@@ -118,6 +131,8 @@ def _serve(args: argparse.Namespace) -> int:
         audit_log=str(args.audit_log) if args.audit_log else None,
         log_level=args.log_level,
         store=args.store,
+        rate_limit=args.rate_limit,
+        rate_burst=args.rate_burst,
         node_id=args.node_id,
     )
     # Create (or check) the KMS home once, here: workers starting together must not race to

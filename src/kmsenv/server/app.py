@@ -14,6 +14,7 @@ A request goes through these steps, each refusing with its Alibaba code (``docs/
    ``kmsenv access-key disable`` or a new policy applies within a second); signature verified in
    constant time; then the key must be Active;
 6. nonce — claimed in ``nonces.db`` in the KMS home, shared by every worker process;
+   then the AccessKey's rate limit (``kmsenv.server.limits``: ``Rejected.Throttling``);
 7. policy — ``actions.authorize``;
 8. the Action — ``actions.dispatch``, the embedded KMS's own door.
 
@@ -52,6 +53,7 @@ from kmsenv.server import signature
 from kmsenv.server.audit import AuditLog, audit_record
 from kmsenv.server.config import ServerConfig
 from kmsenv.server.errors import error_reply
+from kmsenv.server.limits import RateLimiter, Throttled
 
 __all__ = ["KmsApp", "create_app"]
 
@@ -95,6 +97,7 @@ class _Exchange:
     response: dict[str, Any] | None = None
     status: int = 200
     code: str = "OK"
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # extra response headers
 
 
 class _NonceGate:
@@ -136,6 +139,7 @@ class _State:
     nonces: NonceStore | PgNonceStore
     audit: AuditLog
     nonce_gate: _NonceGate | None = None
+    limiter: RateLimiter | None = None
 
     @classmethod
     def open(cls, home: Path, config: ServerConfig) -> _State:
@@ -147,7 +151,8 @@ class _State:
         except BaseException:
             service.close()
             raise
-        return cls(service, AccessKeys(service, cache_s=CREDENTIAL_CACHE_S), nonces, audit, gate)
+        limiter = RateLimiter.for_worker(config.rate_limit, config.rate_burst, config.workers)
+        return cls(service, AccessKeys(service, cache_s=CREDENTIAL_CACHE_S), nonces, audit, gate, limiter)
 
     def claim_nonce(self, access_key_id: str, nonce: str) -> bool:
         """Claim the nonce for the AccessKey; False if it was used within the window."""
@@ -314,6 +319,7 @@ class KmsApp:
                     (b"content-type", JSON_TYPE),
                     (b"content-length", str(len(payload)).encode()),
                     (b"x-acs-request-id", ex.request_id.encode()),
+                    *ex.headers,
                 ],
             }
         )
@@ -344,6 +350,8 @@ class KmsApp:
         if failure is not None:
             reply = error_reply(failure, request_id=ex.request_id, host_id=ex.host_id)
             status, body, ex.code = reply.status, reply.body, reply.code
+            if isinstance(failure, Throttled):
+                ex.headers = failure.headers()
         ex.status = status
         self._finish(ex)
         return status, json.dumps(body, ensure_ascii=False).encode("utf-8")
@@ -427,6 +435,11 @@ class KmsApp:
         # Replay: a captured request re-sent within the clock window carries a used nonce.
         if not state.claim_nonce(signed.access_key_id, signed.nonce):
             raise KmsError("SignatureNonceUsed", "Specified signature nonce was used already.")
+        # Flood control per AccessKey, only once the request is proven to be the key holder's
+        # (others cannot spend a key's tokens by naming it) and not a replay (re-sending a
+        # captured request cannot either).
+        if state.limiter is not None:
+            state.limiter.take(signed.access_key_id)
         authorize(state.service, credential.policy, action, params)
         response = dispatch(state.service, action, params)
         response["RequestId"] = ex.request_id

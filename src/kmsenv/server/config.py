@@ -42,6 +42,8 @@ _ENV = {
     # The same variable every kmsenv command reads: a node's server and CLI use one store.
     "store": "KMSENV_STORE",
     "node_id": "KMSENV_NODE_ID",
+    "rate_limit": "KMSENV_SERVER_RATE_LIMIT",
+    "rate_burst": "KMSENV_SERVER_RATE_BURST",
 }
 
 
@@ -60,6 +62,9 @@ class ServerConfig:
     store: str = field(default="", repr=False)
     # Stamped on audit records (one chain per node); default hostname:port when the store is shared.
     node_id: str = ""
+    # Requests per second per AccessKey (0: no limit) and the burst above it (docs/server.md).
+    rate_limit: int = 1000
+    rate_burst: int = 2000
 
     @classmethod
     def from_env(cls, file: Mapping[str, object] | None = None, **overrides: object) -> ServerConfig:
@@ -88,6 +93,10 @@ class ServerConfig:
             raise ConfigError("TLS needs both a certificate and a key", hint="give --tls-cert and --tls-key")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log level {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+        if self.rate_limit < 0:
+            raise ConfigError("the rate limit must be 0 (off) or a number of requests per second")
+        if self.rate_limit and self.rate_burst < 1:
+            raise ConfigError("the rate burst must be at least 1 request")
         if self.store and not is_postgres_url(self.store):
             raise ConfigError(
                 f"the store must be a postgresql:// URL, not {redact_url(self.store)!r}",
