@@ -15,13 +15,16 @@ BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_scale.py"
 @pytest.mark.slow
 def test_bench_scale_runs(tmp_path: Path) -> None:
     out = tmp_path / "scale.json"
-    args = ["--files", "20", "--per-process-sample", "1", "--jobs", "2", "--dir", str(tmp_path), "--out", str(out)]
+    args = ["--files", "20", "--rounds", "1", "--per-process-sample", "1", "--jobs", "2", "--dir", str(tmp_path)]
+    args += ["--out", str(out)]
     proc = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     results = json.loads(out.read_text())["results"]
     assert results["kmsenv encrypt -r (cache)"]["generate_data_key_calls"] <= 5
     assert results["kmsenv encrypt -r --no-cache"]["generate_data_key_calls"] == 20
     assert results["kmsenv decrypt -r"]["verified"] is True
+    assert results["kmsenv decrypt -r"]["decrypt_calls"] == "1"  # one wrapped data key: one KMS Decrypt
     assert all(r["files_per_s"] > 0 for r in results.values())
     assert "GenerateDataKey calls with the cache: 1 (target <= 5): ok" in proc.stdout
+    assert "load average" in proc.stdout
     assert list(tmp_path.glob("kmsenv-bench-*")) == []  # its work folder is removed
