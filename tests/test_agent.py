@@ -36,11 +36,13 @@ CONTEXT = {"project": "apollo"}
 class Agent:
     """One ``kmsenv agent start --foreground`` process (stopped, if still alive, at teardown)."""
 
-    def __init__(self, home: Path, sock: Path, *options: str, umask: int | None = None) -> None:
+    def __init__(
+        self, home: Path, sock: Path, *options: str, umask: int | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.home, self.sock = home, sock
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kmsenv", "agent", "start", "--foreground", "--socket", str(sock), *options],
-            env=kmsenv_env(home, ALIBABA_CLOUD_ECS_METADATA_DISABLED="true"),
+            env=kmsenv_env(home, ALIBABA_CLOUD_ECS_METADATA_DISABLED="true", **(env or {})),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
