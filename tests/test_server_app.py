@@ -249,6 +249,9 @@ SERVER_STATUS = {
     "Forbidden.AccessKey": 403,
     "UnsupportedHTTPMethod": 403,
     "EntityTooLarge": 413,
+    "RequestTimeout": 408,
+    "RequestHeaderTooLarge": 431,
+    "Rejected.Throttling": 429,  # Alibaba KMS's "QPS Limit Exceeded" status
     "InternalFailure": 500,
     "ServiceUnavailableTemporary": 503,
 }

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -182,3 +184,138 @@ def test_tea_sdk_sees_a_throttling_exception_with_the_retry_hint(throttled_serve
     assert caught.value.code == "Rejected.Throttling"
     assert caught.value.status_code == 429
     assert caught.value.retry_after >= 1  # milliseconds, from x-acs-retry-after
+
+
+# ------------------------------------------------------------------- slow and idle connections --
+TIMEOUT_S = 3  # the server's --request-timeout in these tests
+MAX_CONNECTIONS = 12  # its --max-connections (one worker)
+GUARD_S = 60.0  # failure guard only: how long a test waits for the server to act before failing
+
+
+@pytest.fixture(scope="module")
+def guarded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = start_server(
+        tmp_path_factory.mktemp("slow"),
+        "--request-timeout",
+        str(TIMEOUT_S),
+        "--max-connections",
+        str(MAX_CONNECTIONS),
+    )
+    yield server
+    server.stop()
+
+
+class _Slow(threading.Thread):
+    """A client that sends ``head`` and then ``drip`` one byte every 0.2 s until the server
+    closes the connection; :meth:`outcome` is everything the server sent before closing."""
+
+    def __init__(self, server: Server, head: bytes = b"", drip: bytes = b"") -> None:
+        super().__init__(daemon=True)
+        self.sock = socket.create_connection(("127.0.0.1", server.port), timeout=GUARD_S)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if head:
+            self.sock.sendall(head)
+        self.drip = drip
+        self.stopped = threading.Event()
+        if drip:
+            self.start()
+
+    def run(self) -> None:
+        i = 0
+        while not self.stopped.wait(0.2):
+            try:
+                self.sock.send(self.drip[i % len(self.drip) : i % len(self.drip) + 1])
+            except OSError:
+                return
+            i += 1
+
+    def outcome(self) -> bytes:
+        received = b""
+        try:
+            while chunk := self.sock.recv(65536):  # blocks until the server closes (or the guard)
+                received += chunk
+        except ConnectionResetError:
+            pass
+        finally:
+            self.stopped.set()
+            self.sock.close()
+        return received
+
+
+def _slow_head(server: Server) -> _Slow:
+    """Slowloris: a request head trickled a byte at a time, never finished."""
+    return _Slow(server, b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\n", drip=b"X-Slow: aaaaaaaaaaaaaaaaaaaaaaaaa\r\n")
+
+
+def _slow_body(server: Server) -> _Slow:
+    """A complete head announcing a body that then arrives a byte at a time."""
+    head = (
+        b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        b"Content-Length: 1000\r\n\r\n"
+    )
+    return _Slow(server, head, drip=b"a")
+
+
+def _error_code(received: bytes) -> tuple[int, str]:
+    head, _, body = received.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(body)["Code"]
+
+
+def test_slow_and_idle_connections_do_not_starve_a_normal_client(guarded_server: Server) -> None:
+    server = guarded_server
+    idle = [_Slow(server) for _ in range(6)]  # connect and send nothing
+    heads = [_slow_head(server) for _ in range(4)]
+    bodies = [_slow_body(server) for _ in range(2)]
+    # 12 slow connections fill the limit; this 13th, a normal signed request, is served at once
+    # (the connection waiting longest for a request head makes room).
+    with httpx.Client(timeout=GUARD_S) as client:
+        response = _list_keys(server, server.access_key_id, server.secret, client)
+    assert response.status_code == 200, response.text
+
+    # ... and every slow connection is closed by the server (the guard only fails a hang).
+    assert all(s.outcome() == b"" for s in idle)  # idle: closed without a word
+    for s in heads:  # a head that never completes: RequestTimeout, then closed
+        assert _error_code(s.outcome()) == (408, "RequestTimeout")
+    for s in bodies:  # a body that never completes: the app's RequestTimeout, audited
+        assert _error_code(s.outcome()) == (408, "RequestTimeout")
+    log = server.log.read_text()
+    assert "closing the longest idle connection" in log
+    codes = [json.loads(line)["code"] for line in (server.home / "audit.jsonl").read_text().splitlines()]
+    assert codes.count("RequestTimeout") >= 2
+
+
+def test_beyond_the_limit_with_every_connection_busy_a_new_one_is_refused(guarded_server: Server) -> None:
+    server = guarded_server
+    busy = [_slow_body(server) for _ in range(MAX_CONNECTIONS)]  # all inside a request: none evictable
+    with httpx.Client(timeout=GUARD_S) as client:
+        refused = _list_keys(server, server.access_key_id, server.secret, client)
+    assert refused.status_code == 503
+    assert refused.json()["Code"] == "ServiceUnavailableTemporary"
+    assert refused.headers["retry-after"] == "1"
+    assert refused.headers["connection"] == "close"
+    for s in busy:
+        assert _error_code(s.outcome()) == (408, "RequestTimeout")
+    with httpx.Client(timeout=GUARD_S) as client:  # their slots are free again
+        assert _list_keys(server, server.access_key_id, server.secret, client).status_code == 200
+
+
+def test_an_oversized_request_head_is_refused(guarded_server: Server) -> None:
+    from kmsenv.server.protocol import MAX_HEAD_BYTES
+
+    big = _Slow(guarded_server, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    try:
+        for i in range(MAX_HEAD_BYTES // 1000 + 2):
+            big.sock.sendall(b"X-Pad-%d: " % i + b"a" * 1000 + b"\r\n")
+    except OSError:
+        pass  # the server may close while we still send
+    assert _error_code(big.outcome()) == (431, "RequestHeaderTooLarge")
+    assert httpx.get(f"http://{guarded_server.endpoint}/health", timeout=GUARD_S).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"request_timeout": 0}, "request timeout must be at least 1"), ({"max_connections": 0}, "at least 1")],
+)
+def test_invalid_connection_settings_are_refused(overrides: dict[str, int], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ServerConfig.from_env(**overrides)  # type: ignore[arg-type]

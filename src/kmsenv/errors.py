@@ -160,6 +160,8 @@ HTTP_STATUS: dict[str, int] = {
     "InvalidCiphertext": 400,
     "InvalidVersion": 400,
     "EntityTooLarge": 413,  # kmsenv server: request body over its limit (docs/server.md)
+    "RequestTimeout": 408,  # kmsenv server: request head or body not received in time (docs/server.md)
+    "RequestHeaderTooLarge": 431,  # kmsenv server: request head over its limit (docs/server.md)
     "Rejected.LimitExceeded": 400,
     "Rejected.UnsupportedOperation": 400,
     "Rejected.DeletionProtection": 409,

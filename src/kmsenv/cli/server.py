@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         type=Path,
         metavar="FILE",
         help="TOML file of settings (host, port, workers, tls_cert, tls_key, max_body, audit_log, log_level, "
-        "store, node_id, rate_limit, rate_burst)",
+        "store, node_id, rate_limit, rate_burst, request_timeout, max_connections)",
     )
     parser.add_argument("--host", help="address to listen on (KMSENV_SERVER_HOST; default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="TCP port (KMSENV_SERVER_PORT; default 8080)")
@@ -70,6 +70,19 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         type=int,
         metavar="N",
         help="requests an AccessKey may send at once above its rate (KMSENV_SERVER_RATE_BURST; default 2000)",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=int,
+        metavar="S",
+        help="seconds a client has to send a request's head, and again its body "
+        "(KMSENV_SERVER_REQUEST_TIMEOUT; default 10)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help="open connections per worker process (KMSENV_SERVER_MAX_CONNECTIONS; default 512)",
     )
     parser.set_defaults(func=_serve)
 
@@ -133,6 +146,8 @@ def _serve(args: argparse.Namespace) -> int:
         store=args.store,
         rate_limit=args.rate_limit,
         rate_burst=args.rate_burst,
+        request_timeout=args.request_timeout,
+        max_connections=args.max_connections,
         node_id=args.node_id,
     )
     # Create (or check) the KMS home once, here: workers starting together must not race to

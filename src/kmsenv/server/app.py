@@ -383,7 +383,7 @@ class KmsApp:
             raise KmsError(
                 "UnsupportedHTTPMethod", f"The HTTP method {ex.method[:16]} is not supported: use GET or POST."
             )
-        body = await self._read_body(headers, receive)
+        body = await self._read_body(headers, receive, ex)
         query = _parse_pairs(scope["query_string"], "query string")
         form: list[tuple[str, str]] = []
         if body:
@@ -396,12 +396,26 @@ class KmsApp:
         ex.params = req.params()
         return req
 
-    async def _read_body(self, headers: list[tuple[str, str]], receive: Receive) -> bytes:
+    async def _read_body(self, headers: list[tuple[str, str]], receive: Receive, ex: _Exchange) -> bytes:
         limit = self.config.max_body
         too_large = KmsError("EntityTooLarge", f"The request body exceeds the limit of {limit} bytes.")
         declared = next((v for k, v in headers if k == "content-length"), None)
         if declared is not None and declared.strip().isdigit() and int(declared) > limit:
             raise too_large  # refused before a byte of it is read
+        chunked = any(k == "transfer-encoding" for k, _ in headers)
+        if not chunked and (declared is None or declared.strip() in ("", "0")):
+            return await self._read_chunks(receive, limit, too_large)  # no body: nothing to wait for
+        # A body trickled a byte at a time would hold its connection (and this task) for ever.
+        timeout = self.config.request_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._read_chunks(receive, limit, too_large)
+        except TimeoutError:
+            ex.headers = [(b"connection", b"close")]  # the rest of the body may still be coming
+            raise KmsError("RequestTimeout", f"The request body was not received within {timeout} s.") from None
+
+    @staticmethod
+    async def _read_chunks(receive: Receive, limit: int, too_large: KmsError) -> bytes:
         chunks, size = [], 0
         while True:
             message = await receive()

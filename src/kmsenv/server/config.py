@@ -44,6 +44,8 @@ _ENV = {
     "node_id": "KMSENV_NODE_ID",
     "rate_limit": "KMSENV_SERVER_RATE_LIMIT",
     "rate_burst": "KMSENV_SERVER_RATE_BURST",
+    "request_timeout": "KMSENV_SERVER_REQUEST_TIMEOUT",
+    "max_connections": "KMSENV_SERVER_MAX_CONNECTIONS",
 }
 
 
@@ -65,6 +67,9 @@ class ServerConfig:
     # Requests per second per AccessKey (0: no limit) and the burst above it (docs/server.md).
     rate_limit: int = 1000
     rate_burst: int = 2000
+    # Seconds for a request's head, and again for its body (slow clients); open connections per worker.
+    request_timeout: int = 10
+    max_connections: int = 512
 
     @classmethod
     def from_env(cls, file: Mapping[str, object] | None = None, **overrides: object) -> ServerConfig:
@@ -97,6 +102,10 @@ class ServerConfig:
             raise ConfigError("the rate limit must be 0 (off) or a number of requests per second")
         if self.rate_limit and self.rate_burst < 1:
             raise ConfigError("the rate burst must be at least 1 request")
+        if self.request_timeout < 1:
+            raise ConfigError("the request timeout must be at least 1 second")
+        if self.max_connections < 1:
+            raise ConfigError("the connection limit must be at least 1")
         if self.store and not is_postgres_url(self.store):
             raise ConfigError(
                 f"the store must be a postgresql:// URL, not {redact_url(self.store)!r}",

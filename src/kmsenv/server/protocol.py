@@ -1,5 +1,20 @@
 """The HTTP/1.1 connection protocol: uvicorn's ``httptools`` protocol with kmsenv's additions.
 
+- **Slow and idle clients** (slowloris). uvicorn closes a keep-alive connection idle between
+  requests (``timeout_keep_alive``, 5 s) but has no deadline for a request's head, and httptools
+  no bound on its size: a client that connects and sends nothing, or trickles its headers a byte
+  at a time, would hold its connection for ever. Here the head must be complete within
+  ``request_timeout`` seconds of the connection opening (or of the request's first byte on a
+  kept-alive connection) and within ``MAX_HEAD_BYTES``. A connection that misses the deadline is
+  closed (with a ``RequestTimeout`` answer if it had begun a request); an oversized head gets
+  ``RequestHeaderTooLarge`` and a close. The body has its own deadline in the app
+  (``KmsApp._read_body``), which can still answer with an audited ``RequestTimeout``.
+- **Connections per worker** are bounded by ``max_connections``. A new connection beyond it
+  first makes room by closing the connection that has waited longest for a request head (an
+  idle keep-alive, a silent or a trickling client), so idle connections cannot lock out a client
+  that sends its request at once; only when every connection is inside a request is the new one
+  refused: it is read up to its head and answered ``ServiceUnavailableTemporary`` (503, which
+  Alibaba's clients retry) with ``Retry-After: 1`` and ``connection: close``.
 - **One write per response.** uvicorn writes a response's head and its body with two
   ``transport.write`` calls; with ``TCP_NODELAY`` (which the server needs, see
   ``kmsenv.server.runner``) each becomes its own send system call and its own TCP segment, and on
@@ -10,11 +25,74 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
+import logging
+import time
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["KmsHttpProtocol"]
+from kmsenv.errors import KmsError
+from kmsenv.kms.actions import new_request_id
+from kmsenv.server.errors import error_reply
+
+__all__ = ["MAX_HEAD_BYTES", "KmsHttpProtocol"]
+
+#: Largest request head (request line and headers). An SDK's head is under 2 KiB; the v1
+#: parameters travel in the query, so a long Plaintext or blob makes it longer, never near this.
+MAX_HEAD_BYTES = 64 * 1024
+JSON_TYPE = b"application/json;charset=utf-8"
+
+_log = logging.getLogger("kmsenv.server")
+
+
+@functools.cache
+def _limits() -> tuple[float, int]:
+    """(request_timeout, max_connections) of this worker, from the settings it was started with."""
+    from kmsenv.server.config import ServerConfig
+
+    config = ServerConfig.from_env()
+    return float(config.request_timeout), config.max_connections
+
+
+def _error_response(code: str, message: str, *, extra: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
+    """A complete ``connection: close`` HTTP response with Alibaba's error body."""
+    request_id = new_request_id()
+    reply = error_reply(KmsError(code, message), request_id=request_id, host_id="kmsenv")
+    body = json.dumps(reply.body).encode()
+    headers = [
+        (b"content-type", JSON_TYPE),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-acs-request-id", request_id.encode()),
+        (b"connection", b"close"),
+        *extra,
+    ]
+    head = b"HTTP/1.1 %d %s\r\n" % (reply.status, _REASONS.get(reply.status, b"Error"))
+    return head + b"".join(name + b": " + value + b"\r\n" for name, value in headers) + b"\r\n" + body
+
+
+_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}
+_OVER_LIMIT = "The server has too many open connections; try again later."
+
+
+async def _refuse_over_limit(scope: Any, receive: Any, send: Any) -> None:
+    """The app for a request on a connection past ``max_connections``: 503, then close."""
+    request_id = new_request_id()
+    host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+    reply = error_reply(
+        KmsError("ServiceUnavailableTemporary", _OVER_LIMIT), request_id=request_id, host_id=host[:255] or "kmsenv"
+    )
+    body = json.dumps(reply.body).encode()
+    headers = [
+        (b"content-type", JSON_TYPE),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-acs-request-id", request_id.encode()),
+        (b"retry-after", b"1"),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class _JoinedWrites:
@@ -52,9 +130,103 @@ class _JoinedWrites:
 
 
 class KmsHttpProtocol(HttpToolsProtocol):
-    """uvicorn's ``httptools`` protocol, writing each response once (module docstring)."""
+    """uvicorn's ``httptools`` protocol with one write per response, a deadline and a size bound
+    for request heads, and a bounded number of connections (module docstring)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._timeout, self._max_connections = _limits()
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._awaiting_head = True  # no request head in progress or complete: evictable
+        self._idle_since = time.monotonic()
+        self._head_bytes = 0
+        self._begun = False  # a byte of the current request head has arrived
+        self._over_limit = False
+
+    # -- connection lifecycle
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         # After super(): its FlowControl pauses and resumes the real transport.
         self.transport = _JoinedWrites(transport, self.loop)  # type: ignore[assignment]
+        self._arm_head_timer()
+        if len(self.connections) > self._max_connections:
+            self._make_room()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _make_room(self) -> None:
+        idle = [
+            c
+            for c in self.connections
+            if c is not self and isinstance(c, KmsHttpProtocol) and c._awaiting_head and not c.transport.is_closing()
+        ]
+        if idle:
+            oldest = min(idle, key=lambda c: c._idle_since)
+            _log.info("connection limit (%d) reached: closing the longest idle connection", self._max_connections)
+            oldest.transport.close()
+        else:
+            _log.warning("connection limit (%d) reached: refusing a new connection", self._max_connections)
+            self._over_limit = True
+
+    # -- the request head: a deadline and a size bound
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self._timeout, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self._begun:  # a request had begun: tell the client why it is cut off
+            self.transport.write(
+                _error_response("RequestTimeout", f"The request head was not received within {self._timeout:g} s.")
+            )
+        self.transport.close()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_bytes = 0
+        self._begun = True
+        self._arm_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._awaiting_head and self._begun and not self.transport.is_closing():
+            # Counted only while the head is still incomplete after this chunk: a chunk that
+            # completes a head may carry a body too, which the body limit bounds.
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._cancel_head_timer()
+                self.transport.write(
+                    _error_response(
+                        "RequestHeaderTooLarge", f"The request head exceeds the limit of {MAX_HEAD_BYTES} bytes."
+                    )
+                )
+                self.transport.close()
+
+    def on_headers_complete(self) -> None:
+        self._cancel_head_timer()
+        self._awaiting_head = False
+        self._begun = False
+        if not self._over_limit:
+            super().on_headers_complete()
+            return
+        app, self.app = self.app, _refuse_over_limit
+        try:
+            super().on_headers_complete()
+        finally:
+            self.app = app
+
+    def on_response_complete(self) -> None:
+        pipelined = bool(self.pipeline)  # super() starts the next pipelined request, head complete
+        super().on_response_complete()
+        if not pipelined:
+            self._awaiting_head = True  # idle until the next request's first byte
+            self._idle_since = time.monotonic()
