@@ -55,3 +55,28 @@ def test_a_claim_waits_for_another_process_holding_the_nonce_lock(kms_home: Path
         assert (replay.status_code, replay.json()["Code"]) == (400, "SignatureNonceUsed")
     finally:
         app.close()
+
+
+def test_the_nonce_store_itself_takes_the_lock(tmp_path: Path) -> None:
+    """The lock lives in ``NonceStore.claim``: any process claiming on this file takes turns."""
+    from kmsenv.kms.nonces import NonceStore
+
+    store = NonceStore(tmp_path / "nonces.db")
+    try:
+        assert (tmp_path / "nonces.lock").stat().st_mode & 0o777 == 0o600
+        fd = os.open(tmp_path / "nonces.lock", os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        results: list[bool] = []
+        caller = threading.Thread(target=lambda: results.append(store.claim("LTAI", "n-1", window_s=900)))
+        try:
+            caller.start()
+            caller.join(0.5)
+            assert caller.is_alive() and not results
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        caller.join(10)
+        assert results == [True]
+        assert store.claim("LTAI", "n-1", window_s=900) is False  # the table still decides replays
+    finally:
+        store.close()

@@ -10,10 +10,18 @@ must not queue behind (or block) key-management transactions. Its commits skip f
 (``synchronous=NORMAL`` in WAL mode): after a power loss, the last moments' nonces may be
 forgotten, which re-opens replay of those few requests until their timestamps expire — a bounded
 risk traded for not paying a disk flush per request. Key data never goes through this file.
+
+Claims from several processes (the server's workers) take turns under an ``flock`` on
+``nonces.lock`` beside the file. Without it, two processes inserting at once make SQLite answer
+"busy" to one of them, whose busy handler then *sleeps* (1, 2, 5, 10 ... ms) before retrying:
+with 2 workers ~10 % of claims waited > 1 ms (p99 6-8 ms, max 0.3 s). A kernel lock wakes the
+waiter as soon as it is released, so SQLite never finds the file busy (p99 0.2-1.2 ms). Replay
+protection itself is the table's primary key, lock or not.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 import threading
@@ -31,6 +39,8 @@ class NonceStore:
     def __init__(self, path: Path) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         os.close(fd)
+        # flock is per open file: each store (each process) opens its own; threads share _lock.
+        self._gate = os.open(path.with_name(path.stem + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self._conn.execute("PRAGMA busy_timeout = 30000")
         self._conn.execute("PRAGMA journal_mode = WAL")
@@ -46,11 +56,15 @@ class NonceStore:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+            if self._gate >= 0:
+                os.close(self._gate)
+                self._gate = -1
 
     def claim(self, access_key_id: str, nonce: str, *, window_s: int, now: float | None = None) -> bool:
         """Record ``nonce`` for ``access_key_id``; False if it was already used within the window."""
         now = time.time() if now is None else now
         with self._lock:
+            fcntl.flock(self._gate, fcntl.LOCK_EX)
             try:
                 if now - self._last_purge > _PURGE_EVERY_S:
                     self._conn.execute("DELETE FROM nonces WHERE expires_at < ?", (int(now),))
@@ -63,4 +77,6 @@ class NonceStore:
                 return False
             except sqlite3.OperationalError as exc:
                 raise KmsError("ServiceUnavailableTemporary", f"The nonce store is busy; try again ({exc}).") from None
+            finally:
+                fcntl.flock(self._gate, fcntl.LOCK_UN)
         return True

@@ -25,15 +25,12 @@ stall the event loop. Every request, refused or not, gets one access-log line an
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import json
 import logging
-import os
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -100,36 +97,6 @@ class _Exchange:
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # extra response headers
 
 
-class _NonceGate:
-    """Serialises nonce claims on one ``nonces.db`` across this home's worker processes.
-
-    Two workers inserting at once make SQLite answer "busy" to one of them, whose busy handler
-    then *sleeps* (1, 2, 5, 10 ... ms) before retrying: with 2 workers, ~10 % of claims waited
-    > 1 ms and p99 was 6-8 ms (max 0.3 s). Taking a kernel lock (``flock``, woken at once on
-    release) around each claim means SQLite never finds the file busy: p99 0.2-1.2 ms. Replay
-    protection itself is unchanged: the nonce table's primary key still decides.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        self._lock = threading.Lock()  # flock is per open file: threads of one process need this too
-
-    @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        with self._lock:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
-
-
 @dataclass(slots=True)
 class _State:
     """Per-process handles on the KMS home, opened at startup and closed at shutdown."""
@@ -138,7 +105,6 @@ class _State:
     access_keys: AccessKeys
     nonces: NonceStore | PgNonceStore
     audit: AuditLog
-    nonce_gate: _NonceGate | None = None
     limiter: RateLimiter | None = None
 
     @classmethod
@@ -147,23 +113,17 @@ class _State:
         try:
             nonces = open_nonce_store(service.store, home)
             audit = AuditLog(config.audit_path(home), node=config.audit_node())
-            gate = _NonceGate(home / "nonces.lock") if isinstance(nonces, NonceStore) else None
         except BaseException:
             service.close()
             raise
         limiter = RateLimiter.for_worker(config.rate_limit, config.rate_burst, config.workers)
-        return cls(service, AccessKeys(service, cache_s=CREDENTIAL_CACHE_S), nonces, audit, gate, limiter)
+        return cls(service, AccessKeys(service, cache_s=CREDENTIAL_CACHE_S), nonces, audit, limiter)
 
     def claim_nonce(self, access_key_id: str, nonce: str) -> bool:
         """Claim the nonce for the AccessKey; False if it was used within the window."""
-        if self.nonce_gate is None:
-            return self.nonces.claim(access_key_id, nonce, window_s=signature.SKEW_S)
-        with self.nonce_gate.held():
-            return self.nonces.claim(access_key_id, nonce, window_s=signature.SKEW_S)
+        return self.nonces.claim(access_key_id, nonce, window_s=signature.SKEW_S)
 
     def close(self) -> None:
-        if self.nonce_gate is not None:
-            self.nonce_gate.close()
         self.audit.close()
         self.nonces.close()
         self.service.close()
