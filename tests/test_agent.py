@@ -143,6 +143,32 @@ def test_a_folder_of_another_user_is_refused(home: Path, sockdir: Path) -> None:
     assert not (theirs / "agent.sock").exists()
 
 
+def test_the_agent_process_is_not_dumpable(agent: Agent) -> None:
+    limits = Path(f"/proc/{agent.proc.pid}/limits").read_text().splitlines()
+    (core,) = [line for line in limits if line.startswith("Max core file size")]
+    assert core.split()[4:6] == ["0", "0"]
+    # PR_GET_DUMPABLE can only be asked of oneself: run protect_memory in a forked child.
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        try:
+            import ctypes
+
+            from kmsenv._agent import protect_memory
+
+            took = protect_memory()
+            dumpable = ctypes.CDLL(None).prctl(3, 0, 0, 0, 0)  # PR_GET_DUMPABLE
+            os.write(write_end, json.dumps([took, dumpable]).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        took, dumpable = json.loads(f.read())
+    os.waitpid(pid, 0)
+    assert took is True
+    assert dumpable == 0
+
+
 def _as_nobody(sock_path: Path) -> dict[str, str]:
     """From a forked child running as uid nobody: what a raw connection and AgentKms each get."""
     read_end, write_end = os.pipe()

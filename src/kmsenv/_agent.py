@@ -619,8 +619,31 @@ class AgentServer:
                 self._connections -= 1
 
 
+_PR_SET_DUMPABLE = 4
+
+
+def protect_memory() -> bool:
+    """Make this process non-dumpable and give it no core files; True if both took effect.
+
+    Why: the agent's memory holds data keys. ``PR_SET_DUMPABLE`` 0 stops other processes of the
+    same uid from attaching with ptrace or reading ``/proc/PID/mem`` (root still can), and a
+    crash then writes no core file; ``RLIMIT_CORE`` 0 says the same for the rlimit path.
+    """
+    import ctypes
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 def run_agent(server: AgentServer, *, ready: Callable[[], None] | None = None) -> None:
-    """Bind, announce readiness, serve until stopped; SIGTERM/SIGINT/SIGHUP stop it cleanly (keys wiped)."""
+    """Protect memory, bind, announce readiness, serve until stopped; SIGTERM/SIGINT/SIGHUP stop it
+    cleanly (keys wiped)."""
+    protect_memory()
     server.bind()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda *_: server.shutdown())
