@@ -169,6 +169,8 @@ def nodes(env: dict[str, str], homes: Sequence[Path], workers: int, store: str, 
             port = bench_server.free_port()
             cmd = [sys.executable, "-m", "kmsenv", "server", "--host", "127.0.0.1", "--port", str(port)]
             cmd += ["--workers", str(workers), "--log-level", "warning"]
+            # As in bench_server: the per-AccessKey rate limit stays on, far above the load.
+            cmd += ["--rate-limit", str(bench_server.RATE_LIMIT), "--rate-burst", str(bench_server.RATE_LIMIT)]
             if store:
                 cmd += ["--store", store]
             node_env = {**env, "KMSENV_HOME": str(home)}

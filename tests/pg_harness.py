@@ -210,6 +210,11 @@ def kmsenv(home: Path, *args: str, check: bool = True, **extra: str) -> subproce
     return result
 
 
+#: For nodes under test load: the per-AccessKey rate limit off (it would refuse a load test's
+#: bursts with Rejected.Throttling, which is not what these tests are about).
+NO_RATE_LIMIT = ("--rate-limit", "0")
+
+
 class Node:
     """One ``kmsenv server`` process: its home, port, process and log."""
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pg_harness import Cluster, Node, kmsenv, pg_cluster, start_node
+from pg_harness import NO_RATE_LIMIT, Cluster, Node, kmsenv, pg_cluster, start_node
 from test_server_harness import sign_v1
 
 __all__ = ["pg_cluster"]
@@ -62,6 +62,7 @@ def test_two_nodes_under_load_leave_two_verifiable_chains(tmp_path: Path, pg_clu
             tmp_path / "a",
             "--store",
             url,
+            *NO_RATE_LIMIT,
             "--workers",
             "2",
             "--node-id",
@@ -73,6 +74,7 @@ def test_two_nodes_under_load_leave_two_verifiable_chains(tmp_path: Path, pg_clu
             tmp_path / "b",
             "--store",
             url,
+            *NO_RATE_LIMIT,
             "--workers",
             "2",
             "--audit-log",

@@ -24,7 +24,7 @@ import pytest
 
 from kmsenv.errors import KmsError
 from kmsenv.kms.service import open_service
-from pg_harness import Cluster, Ledger, Load, Node, kmsenv, pg_cluster, start_node
+from pg_harness import NO_RATE_LIMIT, Cluster, Ledger, Load, Node, kmsenv, pg_cluster, start_node
 from test_server_harness import sign_v1
 
 __all__ = ["pg_cluster"]
@@ -82,8 +82,8 @@ class Pair:
         created = json.loads(kmsenv(self.home, "access-key", "create", KMSENV_STORE=url).stdout)
         self.creds = (created["AccessKeyId"], created["AccessKeySecret"])
         self.nodes: list[Node] = []
-        self.nodes.append(start_node(tmp / "a", "--store", url, "--workers", "2"))
-        self.nodes.append(start_node(tmp / "b", "--store", url, root_key=self.home / "root.key"))
+        self.nodes.append(start_node(tmp / "a", "--store", url, "--workers", "2", *NO_RATE_LIMIT))
+        self.nodes.append(start_node(tmp / "b", "--store", url, *NO_RATE_LIMIT, root_key=self.home / "root.key"))
         reply = httpx.post(self.nodes[0].url, params=sign_v1(*self.creds, "CreateKey"), timeout=30)
         assert reply.status_code == 200, reply.text
         self.key_id = reply.json()["KeyMetadata"]["KeyId"]

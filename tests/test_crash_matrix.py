@@ -471,7 +471,7 @@ def test_sqlite_server_under_load(world: World, tmp_path: Path) -> None:
     every acknowledged CreateKey, CreateAlias, Encrypt and GenerateDataKey survives, the store
     passes ``kmsenv store check`` (audit chain included), and every answered request was audited."""
     from kmsenv.kms.access import AccessKeys
-    from pg_harness import Load, start_node
+    from pg_harness import NO_RATE_LIMIT, Load, start_node
 
     rng = random.Random(os.environ.get("KMSENV_CRASH_SEED", "server"))
     tally: Counter[str] = Counter()
@@ -484,7 +484,7 @@ def test_sqlite_server_under_load(world: World, tmp_path: Path) -> None:
         service = open_service(home, announce=False)
         created = AccessKeys(service).create()
         service.close()
-        node = start_node(root, "--workers", "2")
+        node = start_node(root, "--workers", "2", *NO_RATE_LIMIT)
         load = Load([node], (created["AccessKeyId"], created["AccessKeySecret"]), world.key_id)
         try:
             time.sleep(rng.uniform(0.1, 1.5))

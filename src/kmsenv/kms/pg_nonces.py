@@ -31,6 +31,8 @@ __all__ = ["PgNonceStore", "open_nonce_store"]
 
 _PURGE_EVERY_S = 30.0
 _POOL_MAX = 4
+#: A pooled connection unused for longer than this is checked (a round trip) before a claim.
+_CHECK_IDLE_S = 0.5
 
 _CLAIM = (
     "INSERT INTO nonces(access_key_id, nonce, expires_at) VALUES (%s, %s, %s) "
@@ -54,7 +56,7 @@ class PgNonceStore:
             min_size=1,
             max_size=_POOL_MAX,
             kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
-            check=psycopg_pool.ConnectionPool.check_connection,
+            check=self._check_if_idle,
             configure=_no_disk_wait,
             timeout=CONNECT_TIMEOUT_S,
             name="kmsenv-nonces",
@@ -63,31 +65,42 @@ class PgNonceStore:
         self._pool.open(wait=False)
         self._lock = threading.Lock()
         self._last_purge = 0.0
+        self._last_used: dict[int, float] = {}  # id(connection) → monotonic time of its last claim
 
     def close(self) -> None:
         self._pool.close()
+
+    def _check_if_idle(self, conn: Any) -> None:
+        """The pool's check before handing out a connection: a round trip, but only for one idle
+        for a while (it may have broken meanwhile: a database restart). Under load connections
+        come back within milliseconds, and a claim then costs one round trip, not two; one that
+        broke since its last use fails its claim with 503, which clients retry."""
+        import psycopg_pool
+
+        if time.monotonic() - self._last_used.get(id(conn), 0.0) > _CHECK_IDLE_S:
+            psycopg_pool.ConnectionPool.check_connection(conn)
 
     def claim(self, access_key_id: str, nonce: str, *, window_s: int, now: float | None = None) -> bool:
         """Record ``nonce`` for ``access_key_id``; False if it was already used within the window."""
         import psycopg
 
-        now = time.time() if now is None else now
-        if not self._reachable():
-            from kmsenv.errors import KmsError
+        from kmsenv.kms.pg_store import CONNECT_TIMEOUT_S, unavailable, wait_for_connection
 
-            raise KmsError("ServiceUnavailableTemporary", "The KMS store is unavailable; try again.")
+        now = time.time() if now is None else now
         with self._lock:
             purge, self._last_purge = (
                 (True, now) if now - self._last_purge > _PURGE_EVERY_S else (False, self._last_purge)
             )
         try:
-            with self._pool.connection() as conn:
+            conn = wait_for_connection(self._pool, self._reachable, CONNECT_TIMEOUT_S)
+            try:
                 if purge:
                     conn.execute("DELETE FROM nonces WHERE expires_at < %s", (int(now),))
                 row: Any = conn.execute(_CLAIM, (access_key_id, nonce, int(now) + 2 * window_s, int(now))).fetchone()
+                self._last_used[id(conn)] = time.monotonic()
+            finally:
+                self._pool.putconn(conn)
         except psycopg.OperationalError as exc:
-            from kmsenv.kms.pg_store import unavailable
-
             raise unavailable("nonce claim failed on", self._url, exc) from None
         return row is not None
 

@@ -342,6 +342,29 @@ class _ChangeListener:
         self._bump(proved=None)
 
 
+#: How often a caller waiting for a pooled connection asks whether the database is down.
+POOL_WAIT_STEP_S = 0.1
+
+
+def wait_for_connection(
+    pool: psycopg_pool.ConnectionPool[Any], reachable: Callable[[], bool], timeout: float
+) -> psycopg.Connection[Any]:
+    """A connection from ``pool`` within ``timeout``, in short waits: when the database turns out
+    to be down meanwhile (``reachable()``), give up at once rather than wait out the timeout —
+    an outage must cost callers a quick 503, not a 30 s hang."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not reachable():
+            raise psycopg.OperationalError("the database is unreachable (its connections are refused)")
+        left = deadline - time.monotonic()
+        try:
+            conn: psycopg.Connection[Any] = pool.getconn(timeout=max(0.001, min(POOL_WAIT_STEP_S, left)))
+            return conn
+        except psycopg_pool.PoolTimeout:
+            if left <= POOL_WAIT_STEP_S:
+                raise
+
+
 class PostgresStore:
     """A pooled PostgreSQL store, safe for many threads and many nodes at once."""
 
@@ -420,7 +443,7 @@ class PostgresStore:
         connections) and BEGIN is tried on the next one, so a restart costs no failed request and
         no Action pays a check query for it."""
         for _ in range(self._max_connections + 1):
-            with self._pool.connection() as conn:
+            with self._pooled() as conn:
                 try:
                     conn.execute(begin)
                 except psycopg.OperationalError:
@@ -430,6 +453,14 @@ class PostgresStore:
                 yield conn
                 return
         raise psycopg.OperationalError("every pooled connection was broken")
+
+    @contextlib.contextmanager
+    def _pooled(self) -> Iterator[psycopg.Connection[Any]]:
+        conn = wait_for_connection(self._pool, self.reachable, LOCK_TIMEOUT_S)
+        try:
+            yield conn
+        finally:
+            self._pool.putconn(conn)  # rolls back what is left open; drops a broken connection
 
     def erase_history(self) -> None:
         """Nothing to do: PostgreSQL has no secure delete. Deleted rows stay in table pages until
