@@ -8,9 +8,11 @@ Three configurations, each with the same CPU budget (`--workers` worker processe
   spread by **client-side round robin**: each load-generator connection is bound to one node,
   alternately (no proxy in the path, which would spend CPU of the same 2 cores).
 
-For each, the same preparation (an AccessKey, a CMK, `alias/bench`, 200 Decrypt blobs), then
-GenerateDataKey and Decrypt at concurrency `--concurrency` (16) with `--count` timed requests
-(after an untimed warm-up), `--repeat` runs each, the median reported. Requests are ACS3-signed as
+For each, the same preparation (an AccessKey, a CMK, `alias/bench`, 200 Decrypt blobs); all
+nodes are started first, then `--repeat` rounds, each running GenerateDataKey and Decrypt at
+concurrency `--concurrency` (16) with `--count` timed requests (after an untimed warm-up) on every
+configuration in a rotated order, so that load from elsewhere on a shared machine falls on all
+three alike; the median run per (configuration, Action) is reported, with the load average. Requests are ACS3-signed as
 the Tea SDK signs them, built by `bench/loadgen.py`'s functions; this file only adds a runner
 that spreads connections over several nodes and runs in its own process (`--loadgen`), so its CPU
 is not the servers'. Printed: requests/s, p50/p99, the ratio of each configuration's requests/s
@@ -18,8 +20,9 @@ to (a)'s, and the targets (c) >= 0.8x (a) and p99 <= 25 ms, as MET/MISSED — ne
 
 PostgreSQL is a throwaway server started for the run (`tests/pg_harness.py`'s `Cluster`, with its
 disk flushes on, as in production; as root it runs as the `postgres` user), or `--pg-url URL` (an
-empty database). Audit stays on (each node writes its own chain). Everything listens on 127.0.0.1
-only; servers and the temp folder are removed even on failure. Any failed request stops the run.
+empty database for (b); (c) gets a new database beside it, so the user needs CREATEDB). Audit
+stays on (each node writes its own chain). Everything listens on 127.0.0.1 only; servers and the
+temp folder are removed even on failure. Any failed request stops the run.
 
 Usage:
   python bench/bench_cluster.py [--count 2000] [--repeat 3] [--concurrency 16] [--workers 2]
@@ -192,9 +195,11 @@ def prepare(env: dict[str, str], home: Path, store: str) -> tuple[dict[str, str]
     return created, "alias/bench"
 
 
-def bench_config(
-    name: str, work: Path, store: str, *, workers: int, count: int, repeat: int, concurrency: int, timeout_s: float
-) -> list[dict[str, Any]]:
+def start_config(
+    stack: contextlib.ExitStack, name: str, work: Path, store: str, *, workers: int, concurrency: int, timeout_s: float
+) -> dict[str, Any]:
+    """Prepare one configuration's KMS, start its node(s), make its Decrypt blobs; returns the
+    base of its load jobs. The nodes stay up until ``stack`` closes."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KMSENV_")}
     folder = work / name
     homes = [folder / "home0"] + ([folder / "home1"] if name == "pg-2-nodes" else [])
@@ -203,43 +208,54 @@ def bench_config(
         home.mkdir(parents=True, mode=0o700)
         shutil.copy2(homes[0] / "root.key", home / "root.key")
     per_node = max(1, workers // len(homes))
-    label = f"{name}: {len(homes)} node(s) x {per_node} worker(s)" + (
-        ", client-side round robin" if len(homes) > 1 else ""
-    )
-    print(label, flush=True)
-    with nodes(env, homes, per_node, store, folder) as ports:
-        targets = [
-            {
-                "kind": "kmsenv",
-                "host": "127.0.0.1",
-                "port": port,
-                "access_key_id": created["AccessKeyId"],
-                "secret": created["AccessKeySecret"],
-            }
-            for port in ports
-        ]
-        base = {"targets": targets, "key_id": key_id, "timeout_s": timeout_s, "concurrency": concurrency}
-        blobs = drive({**base, "action": "GenerateDataKey", "count": BLOBS, "warmup": 0, "collect": True})["blobs"]
-        results = []
+    spread = ", client-side round robin" if len(homes) > 1 else ""
+    print(f"{name}: {len(homes)} node(s) x {per_node} worker(s){spread}", flush=True)
+    ports = stack.enter_context(nodes(env, homes, per_node, store, folder))
+    targets = [
+        {
+            "kind": "kmsenv",
+            "host": "127.0.0.1",
+            "port": port,
+            "access_key_id": created["AccessKeyId"],
+            "secret": created["AccessKeySecret"],
+        }
+        for port in ports
+    ]
+    base = {"targets": targets, "key_id": key_id, "timeout_s": timeout_s, "concurrency": concurrency}
+    blobs = drive({**base, "action": "GenerateDataKey", "count": BLOBS, "warmup": 0, "collect": True})["blobs"]
+    return {**base, "blobs": blobs}
+
+
+def measure(
+    bases: dict[str, dict[str, Any]], *, count: int, repeat: int, concurrency: int
+) -> dict[str, list[dict[str, Any]]]:
+    """``repeat`` rounds; in each, every (Action, configuration) once, the configurations in a
+    rotated order: on a shared machine, load that comes and goes then falls on all of them
+    alike, not on whichever ran at that moment. The median run by requests/s is reported."""
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    names = list(bases)
+    for round_ in range(repeat):
+        order = names[round_ % len(names) :] + names[: round_ % len(names)]
         for action in ACTIONS:
-            job = {**base, "action": action, "count": count, "warmup": min(max(count // 10, concurrency), 200)}
-            if action == "Decrypt":
-                job["blobs"] = blobs
-            runs = []
-            for _ in range(repeat):
+            for name in order:
+                job = {**bases[name], "action": action, "count": count}
+                job["warmup"] = min(max(count // 10, concurrency), 200)
+                if action != "Decrypt":
+                    job.pop("blobs")
                 run = drive(job)
                 run.pop("blobs")
                 run["loadavg"] = os.getloadavg()
-                runs.append(run)
-            runs.sort(key=lambda r: float(r["rps"]))
-            result = {**runs[len(runs) // 2], "config": name, "rps_runs": [r["rps"] for r in runs]}
-            print(
-                f"  {action:<16} c={concurrency:<3} {result['rps']:8.0f} req/s  p50 {result['p50_ms']:6.2f} ms  "
-                f"p99 {result['p99_ms']:6.2f} ms  (runs: {', '.join(f'{x:.0f}' for x in result['rps_runs'])}; "
-                f"load avg {result['loadavg'][0]:.2f})",
-                flush=True,
-            )
-            results.append(result)
+                runs.setdefault((name, action), []).append(run)
+                print(
+                    f"  round {round_ + 1}: {name:<11} {action:<16} {run['rps']:8.0f} req/s  "
+                    f"p99 {run['p99_ms']:6.2f} ms  (load avg {run['loadavg'][0]:.2f})",
+                    flush=True,
+                )
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for (name, _action), measured in runs.items():
+        measured.sort(key=lambda r: float(r["rps"]))
+        median = measured[len(measured) // 2]
+        results[name].append({**median, "config": name, "rps_runs": [r["rps"] for r in measured]})
     return results
 
 
@@ -303,12 +319,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="kmsenv-bench-cluster-"))
     results: dict[str, Any] = {"setup": {**opts, "blobs": BLOBS, "machine": bench_server.machine()}}
     try:
-        with database(args.pg_url) as url:
-            runs = {"sqlite": bench_config("sqlite", work, "", **opts)}
-            # (b) and (c) each start from an empty database: the same work for both.
-            runs["pg-1-node"] = bench_config("pg-1-node", work, url, **opts)
-            _empty(url)
-            runs["pg-2-nodes"] = bench_config("pg-2-nodes", work, url, **opts)
+        with database(args.pg_url) as url, contextlib.ExitStack() as stack:
+            start = {"workers": args.workers, "concurrency": args.concurrency, "timeout_s": args.timeout}
+            bases = {"sqlite": start_config(stack, "sqlite", work, "", **start)}
+            bases["pg-1-node"] = start_config(stack, "pg-1-node", work, url, **start)
+            # (c) gets a database of its own beside (b)'s, on the same PostgreSQL server.
+            bases["pg-2-nodes"] = start_config(stack, "pg-2-nodes", work, _second_database(url), **start)
+            runs = measure(bases, count=args.count, repeat=args.repeat, concurrency=args.concurrency)
         results["runs"] = runs
         results["summary"] = report(runs)
         results["setup"]["loadavg_at_end"] = os.getloadavg()
@@ -323,14 +340,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _empty(url: str) -> None:
-    """Drop the kmsenv tables (the database given is the benchmark's to use)."""
+def _second_database(url: str) -> str:
+    """A new database beside the one at ``url`` (same server and user), for configuration (c)."""
+    from urllib.parse import urlsplit, urlunsplit
+
     import psycopg
 
-    with psycopg.connect(url) as conn:
-        conn.execute(
-            "DROP TABLE IF EXISTS meta, keys, key_versions, aliases, deleted_keys, access_keys, nonces CASCADE"
-        )
+    name = f"kmsenv_bench_{os.getpid()}_{int(time.time())}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
 
 
 if __name__ == "__main__":
