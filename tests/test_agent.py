@@ -444,6 +444,11 @@ def test_bad_frames_are_refused_and_the_agent_keeps_serving(agent: Agent) -> Non
         "not an object": length.pack(2) + b"[]",
         "old version": encode_frame({"v": 0, "op": "status"}),
         "unknown op": encode_frame({"v": 1, "op": "dump_keys"}),
+        # Found by tests/test_agent_fuzz.py: an unhashable op or action raised TypeError in the
+        # set lookup, so the connection died unanswered; and JSON true passed for version 1.
+        "list op": encode_frame({"v": 1, "op": []}),
+        "object action": encode_frame({"v": 1, "op": "call", "action": {}, "params": {}}),
+        "true version": encode_frame({"v": True, "op": "status"}),
         "other action": encode_frame({"v": 1, "op": "call", "action": "ScheduleKeyDeletion", "params": {}}),
         "bad params": encode_frame({"v": 1, "op": "call", "action": "Decrypt", "params": {"CiphertextBlob": 1}}),
         "many params": encode_frame(

@@ -451,17 +451,19 @@ class AgentServer:
 
     def handle(self, request: Mapping[str, Any]) -> dict[str, Any]:
         """Answer one request object; never raises for a bad request or a KMS refusal."""
-        if request.get("v") != PROTOCOL_VERSION:
+        # Types first: JSON true == 1 in Python, and a list or object is unhashable in a set lookup.
+        version = request.get("v")
+        if type(version) is not int or version != PROTOCOL_VERSION:
             return _error("ProtocolError", f"unsupported protocol version (this agent speaks v{PROTOCOL_VERSION})")
         op = request.get("op")
-        if op not in OPS:
+        if not isinstance(op, str) or op not in OPS:
             return _error("ProtocolError", "unknown op")
         if self.stopping.is_set() and op != "status":
             return _error("AgentStopping", "the agent is stopping")
         try:
             if op == "call":
                 action, params = request.get("action"), request.get("params")
-                if action not in CACHED_ACTIONS | PASSED_ACTIONS:
+                if not isinstance(action, str) or action not in CACHED_ACTIONS | PASSED_ACTIONS:
                     return _error(
                         "ProtocolError", "the agent serves GenerateDataKey, Decrypt, Encrypt, ReEncrypt, DescribeKey"
                     )
@@ -609,7 +611,11 @@ class AgentServer:
                         return  # framing is lost: only a new connection can start clean
                     if request is None:
                         return
-                    conn.sendall(encode_frame(self.handle(request)))
+                    try:
+                        answer = encode_frame(self.handle(request))
+                    except FrameError:
+                        answer = encode_frame(_error("ProtocolError", "the answer would exceed the frame limit"))
+                    conn.sendall(answer)
                     if request.get("op") == "stop":
                         return
         except OSError:
