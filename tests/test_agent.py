@@ -3,6 +3,7 @@ CLI commands, expiry, a killed agent, hostile frames (docs/agent.md)."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -311,6 +312,24 @@ def test_the_kms_still_decides_context_and_other_keys(agent: Agent) -> None:
     with pytest.raises(KmsError) as caught:
         client.generate_data_key("alias/NoSuchKey", encryption_context=CONTEXT)
     assert caught.value.code == "Forbidden.AliasNotFound"
+
+
+def test_no_key_material_in_anything_the_agent_prints(agent: Agent, tmp_path: Path) -> None:
+    made = agent.client.generate_data_key(ALIAS, encryption_context=CONTEXT)
+    agent.client.decrypt_data_key(made.wrapped.ciphertext_blob, encryption_context=CONTEXT)
+    with pytest.raises(KmsError) as refused:
+        agent.client.decrypt_data_key(made.wrapped.ciphertext_blob, encryption_context={"x": "y"})
+    shown = [str(refused.value), json.dumps(agent.status())]
+    for command in ("status", "flush", "stop"):
+        r = run_kmsenv(agent.home, "agent", command, "--socket", str(agent.sock))
+        assert r.returncode == 0, r.stderr
+        shown += [r.stdout, r.stderr]
+    out, err = agent.proc.communicate(timeout=30)
+    shown += [out, err]
+    secrets = [base64.b64encode(made.plaintext).decode(), made.plaintext.hex(), made.wrapped.ciphertext_blob]
+    for text in shown:
+        for secret in secrets:
+            assert secret not in text
 
 
 # --------------------------------------------------------------------------- lifetime --
