@@ -267,3 +267,16 @@ def test_every_server_code_has_its_reference_status() -> None:
     assert emitted <= set(SERVER_STATUS), emitted - set(SERVER_STATUS)
     for code, status in SERVER_STATUS.items():
         assert KmsError(code, "m").http_status == status, code
+
+
+def test_audit_time_is_the_current_second_in_the_audit_format(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time as _time
+
+    app = KmsApp(ServerConfig())
+    now = [1_795_000_000.2]
+    monkeypatch.setattr(_time, "time", lambda: now[0])
+    assert app._audit_time() == "2026-11-18T11:06:40Z"
+    now[0] += 0.7  # same second: the cached text
+    assert app._audit_time() == "2026-11-18T11:06:40Z"
+    now[0] += 0.2  # the next second
+    assert app._audit_time() == "2026-11-18T11:06:41Z"

@@ -45,7 +45,7 @@ from kmsenv.kms.access import AccessKeys
 from kmsenv.kms.actions import ACTIONS, API_VERSION, authorize, dispatch, new_request_id
 from kmsenv.kms.nonces import NonceStore
 from kmsenv.kms.pg_nonces import PgNonceStore, open_nonce_store
-from kmsenv.kms.service import KmsService, default_home, fmt_time, open_service
+from kmsenv.kms.service import KmsService, default_home, open_service
 from kmsenv.server import signature
 from kmsenv.server.audit import AuditLog, audit_record
 from kmsenv.server.config import ServerConfig
@@ -245,6 +245,7 @@ class KmsApp:
         self._state_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._hop: _Hop | None = None
+        self._stamp: tuple[int, str] = (-1, "")
 
     # -- lifecycle: each worker process opens its own handles; shutdown closes them.
     def _open_state(self) -> _State:
@@ -475,6 +476,16 @@ class KmsApp:
         return response
 
     # -- one access-log line and one audit record per request
+    def _audit_time(self) -> str:
+        """Now as the audit's ``YYYY-MM-DDThh:mm:ssZ``, formatted once per clock second (the
+        datetime + strftime took ~4 us of every request). One tuple, so threads never mix a
+        second with another second's text."""
+        second = int(time.time())
+        cached = self._stamp
+        if cached[0] != second:
+            cached = self._stamp = (second, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second)))
+        return cached[1]
+
     def _finish(self, ex: _Exchange) -> None:
         latency_ms = (time.perf_counter() - ex.started) * 1000
         key_id, alias = _audit_subject(ex.params, ex.response)
@@ -499,7 +510,7 @@ class KmsApp:
         try:
             state.audit.append(
                 audit_record(
-                    time=fmt_time(datetime.now(UTC)),
+                    time=self._audit_time(),
                     request_id=ex.request_id,
                     access_key_id=ex.access_key_id,
                     action=ex.action,

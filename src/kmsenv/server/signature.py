@@ -290,13 +290,23 @@ def check_timestamp(text: str, now: datetime, *, window_s: int = SKEW_S) -> None
     The window bounds how long a captured request can be replayed at all; the nonce store only
     has to remember nonces that long.
     """
-    if not _TIMESTAMP_RE.match(text):
+    if not _TIMESTAMP_RE.fullmatch(text):  # fullmatch: "$" alone would let a trailing "\n" in
         raise KmsError(
             "InvalidTimeStamp.Format",
             "Specified time stamp or date value is not well formatted (YYYY-MM-DDThh:mm:ssZ).",
         )
     try:
-        when = datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        # The fields by position (the pattern fixed them): ~1 us against strptime's ~5 us, paid
+        # on every request; datetime() refuses what is not a real date as strptime did.
+        when = datetime(
+            int(text[0:4]),
+            int(text[5:7]),
+            int(text[8:10]),
+            int(text[11:13]),
+            int(text[14:16]),
+            int(text[17:19]),
+            tzinfo=UTC,
+        )
     except ValueError:
         raise KmsError("InvalidTimeStamp.Format", "Specified time stamp or date value is not a valid date.") from None
     if abs((now - when).total_seconds()) > window_s:
