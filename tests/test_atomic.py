@@ -224,3 +224,101 @@ def test_symlink_to_a_folder_as_target(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match="is a folder"), AtomicOutput(tmp_path / "link", force=True):
         pass
     assert (tmp_path / "link").is_symlink()
+
+
+# ----------------------------------------------------------------------------- group commit --
+
+
+def test_group_commit_links_only_after_the_batch_is_synced(
+    tmp_path: Path, flavour: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deferred outputs stay nameless until their batch is fsynced; then each is linked, and each
+    folder synced once, at close."""
+    synced: set[tuple[int, int]] = set()
+    linked: list[tuple[int, int]] = []
+    real_fsync, real_link = os.fsync, os.link
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        st = os.fstat(fd)
+        synced.add((st.st_dev, st.st_ino))
+
+    def link(src: str, dst: str, **kw: object) -> None:
+        real_link(src, dst, **kw)  # type: ignore[arg-type]
+        linked.append(_inode(tmp_path / dst))
+
+    monkeypatch.setattr(_atomic.os, "fsync", fsync)
+    monkeypatch.setattr(_atomic.os, "link", link)
+    group = _atomic.GroupCommit(max_pending=100)
+    tickets = []
+    for i in range(5):
+        with group.deferring() as mine, AtomicOutput(tmp_path / f"f{i}", mode=PRIVATE_MODE) as f:
+            f.write(b"data %d" % i)
+        tickets += mine
+    assert len(tickets) == 5
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(TEMP_SUFFIX)) == []  # nameless yet
+    assert tickets[2].size == len(b"data 2")
+    tickets[2].wait()  # waiting for one lands the whole batch
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"f{i}" for i in range(5)]
+    assert linked and all(inode in synced for inode in linked)  # never a name before its data is durable
+    for ticket in tickets:
+        ticket.wait()
+    assert "pending=0" in repr(group)
+    group.close()
+    assert _inode(tmp_path) in synced  # the folder, once, at the end
+    assert all(_mode(tmp_path / f"f{i}") == PRIVATE_MODE for i in range(5))
+
+
+def test_group_commit_flushes_when_full_and_on_close(tmp_path: Path) -> None:
+    group = _atomic.GroupCommit(max_pending=3)
+    for i in range(4):
+        with group.deferring(), AtomicOutput(tmp_path / f"f{i}") as f:
+            f.write(b"x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f0", "f1", "f2"]  # the full batch landed
+    group.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f0", "f1", "f2", "f3"]
+
+
+def test_group_commit_keeps_no_clobber(tmp_path: Path, flavour: str) -> None:
+    """A target that appears while its file waits for the batch is not replaced: that file fails
+    alone, leaves nothing behind, and the others land."""
+    group = _atomic.GroupCommit()
+    tickets = []
+    for name in ("a", "b"):
+        with group.deferring() as mine, AtomicOutput(tmp_path / name) as f:
+            f.write(b"ours")
+        tickets += mine
+    (tmp_path / "a").write_bytes(b"theirs")
+    with pytest.raises(OutputError, match="already exists"):
+        tickets[0].wait()
+    tickets[1].wait()
+    group.close()
+    assert (tmp_path / "a").read_bytes() == b"theirs"
+    assert (tmp_path / "b").read_bytes() == b"ours"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+def test_group_commit_fsync_failure_leaves_nothing(
+    tmp_path: Path, flavour: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    group = _atomic.GroupCommit()
+    with group.deferring() as tickets, AtomicOutput(tmp_path / "out") as f:
+        f.write(b"x")
+    monkeypatch.setattr(_atomic.os, "fsync", failing)
+    with pytest.raises(OutputError, match="Input/output error"):
+        tickets[0].wait()
+    group.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_group_commit_failed_body_defers_nothing(tmp_path: Path, flavour: str) -> None:
+    group = _atomic.GroupCommit()
+    with pytest.raises(RuntimeError), group.deferring() as tickets, AtomicOutput(tmp_path / "out") as f:
+        f.write(b"partial")
+        raise RuntimeError("boom")
+    assert tickets == []
+    group.close()
+    assert list(tmp_path.iterdir()) == []

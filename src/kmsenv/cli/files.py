@@ -504,10 +504,13 @@ _FileWork = Callable[["Kms", str, str, int | None], dict[str, Any]]
 def _run_tree(args: argparse.Namespace, work: _FileWork, *, decrypt: bool, cache: DataKeyCache | None) -> int:
     """``-r``: every file below INPUT into OUTDIR, ``--jobs`` at a time (see :mod:`kmsenv._tree`).
 
-    Each output is fsynced and linked as it is written; the folders' own fsyncs (which make the
-    new names durable) are done once per folder at the end, before the exit code is returned.
+    Outputs go through a group commit (:class:`kmsenv._atomic.GroupCommit`): a file's worker
+    hands it over complete but nameless and goes on with the next file; batches of files are
+    fsynced together and only then linked into place, each folder fsynced once at the end. A
+    file is reported (``ok`` or failed) once it is in place, and the exit code is returned only
+    after everything is durable.
     """
-    from kmsenv._atomic import FolderSync
+    from kmsenv._atomic import GroupCommit
     from kmsenv._tree import check_roots, plan
 
     if not args.output:
@@ -520,10 +523,13 @@ def _run_tree(args: argparse.Namespace, work: _FileWork, *, decrypt: bool, cache
     # Files run side by side: the streams inside each run inline (a writer thread each would
     # only add hand-offs); a single job keeps the default engine.
     threads = None if jobs == 1 else 1
-    folders = FolderSync()
+    # Files whose worker finished and that wait for their batch's fsync: more of them per batch
+    # means fewer, larger journal commits (each holds an open descriptor, not its data).
+    window = max(4 * jobs, _GROUP_WINDOW)
+    group = GroupCommit(max_pending=window)
     made: set[str] = set()  # output folders known to exist: one makedirs per folder, not per file
     with _metadata(args.metadata_output) as meta, kms_from_args(args) as kms, contextlib.ExitStack() as finish:
-        finish.callback(folders.sync)  # also after failures and Ctrl-C: what was linked stays
+        finish.callback(group.close)  # also after failures and Ctrl-C: finished files still land
 
         def task(item: TreeItem) -> Task:
             if item.skipped is not None:
@@ -537,8 +543,9 @@ def _run_tree(args: argparse.Namespace, work: _FileWork, *, decrypt: bool, cache
                 if folder not in made:
                     _make_folder(folder, private=decrypt)
                     made.add(folder)
-                with folders.deferring():
-                    return work(kms, src, dst, threads)
+                with group.deferring() as tickets:
+                    facts = work(kms, src, dst, threads)
+                return _Landing(facts, tickets) if tickets else facts
 
             return Task(src, dst, run)
 
@@ -550,6 +557,7 @@ def _run_tree(args: argparse.Namespace, work: _FileWork, *, decrypt: bool, cache
             verb=verb,
             jobs=jobs,
             progress=args.progress,
+            window=window,
         )
     if cache is not None:
         stats = cache.stats()
@@ -563,6 +571,27 @@ def _run_tree(args: argparse.Namespace, work: _FileWork, *, decrypt: bool, cache
 
 def _raise(exc: KmsenvError) -> dict[str, Any]:
     raise exc
+
+
+#: Files in flight in a folder run (at least; 4 per job otherwise): see _run_tree.
+_GROUP_WINDOW = 64
+
+
+class _Landing(dict[str, Any]):
+    """A task's facts while its output still waits for its group commit."""
+
+    def __init__(self, facts: Mapping[str, Any], tickets: list[Any]) -> None:
+        super().__init__(facts)
+        self.tickets = tickets
+
+    def land(self) -> dict[str, Any]:
+        """Wait until the output is in place (OutputError if it could not be); the final facts."""
+        for ticket in self.tickets:
+            ticket.wait()
+        facts = dict(self)
+        if "output_size" in facts:
+            facts["output_size"] = self.tickets[-1].size  # the name did not exist when it was measured
+        return facts
 
 
 def _make_folder(folder: str, *, private: bool) -> None:
@@ -728,7 +757,14 @@ class Task:
 
 
 def run_tasks(
-    tasks: Iterable[Task], *, meta: MetadataWriter, operation: str, verb: str, jobs: int = 1, progress: bool = False
+    tasks: Iterable[Task],
+    *,
+    meta: MetadataWriter,
+    operation: str,
+    verb: str,
+    jobs: int = 1,
+    progress: bool = False,
+    window: int | None = None,
 ) -> int:
     """Run every task (``jobs`` at a time), report each failure and go on; return the exit code.
 
@@ -737,7 +773,8 @@ def run_tasks(
     failed (skipped files are not failures); the failing class's code if every failure has the
     same one; else 1. With more than one file, a summary line closes the run. ``progress``: a
     status line redrawn as files finish. On Ctrl-C, files not started yet are dropped and the
-    ones running finish (each is atomic either way).
+    ones running finish (each is atomic either way). ``window``: tasks submitted ahead of the
+    oldest unfinished one (default 4 per job), which bounds memory on huge trees.
     """
     from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -753,7 +790,13 @@ def run_tasks(
         else:
             exc = outcome.exception()
             if exc is None:
-                record.update(outcome="ok", **outcome.result())
+                result = outcome.result()
+                try:
+                    record.update(outcome="ok", **(result.land() if isinstance(result, _Landing) else result))
+                except KmsenvError as late:  # the output could not be put in place
+                    exc = late
+            if exc is None:
+                pass
             elif isinstance(exc, KmsenvError):
                 _report_failure(t.input, exc)
                 codes.add(exc.exit_code)
@@ -772,7 +815,7 @@ def run_tasks(
                     finish(t, None)
                     continue
                 pending.append((t, pool.submit(t.run)))
-                while len(pending) > 4 * max(1, jobs):  # bounded: a huge tree is not held in memory
+                while len(pending) > (window or 4 * max(1, jobs)):  # bounded: a huge tree is not held in memory
                     finish(*pending.pop(0))
             for t, f in pending:
                 finish(t, f)
