@@ -314,7 +314,7 @@ def test_inspect_needs_no_kms(
     rc, out, err = cli(capsys, "inspect", str(cipher), "--json")
     assert (rc, err) == (0, "")
     facts = json.loads(out)
-    assert facts["format"] == "kmsenv" and facts["format_version"] == 1
+    assert facts["format"] == "kmsenv" and facts["format_version"] == 2  # what encrypt writes
     assert facts["context"] == CONTEXT
     assert facts["chunk_size"] == CHUNK
     assert facts["plaintext_size"] == len(SALES) * 40
@@ -323,7 +323,7 @@ def test_inspect_needs_no_kms(
 
     rc, out, _ = cli(capsys, "inspect", str(cipher))
     assert rc == 0
-    assert "format:         kmsenv v1" in out
+    assert "format:         kmsenv v2" in out
     assert "context:        dept=sales, project=apollo" in out
     assert f"plaintext size: {len(SALES) * 40} bytes" in out
     assert facts["wrapped_keys"][0]["key_arn"] in out

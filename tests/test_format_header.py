@@ -27,7 +27,8 @@ from kmsenv.format import (
     read_header,
     rewrap_header,
 )
-from kmsenv.format.header import MAX_BLOB_SIZE, MAX_CONTEXT_BYTES, MAX_STANZAS
+from kmsenv.format.header import MAX_BLOB_SIZE, MAX_CONTEXT_BYTES, MAX_HEADER_SIZE_V2, MAX_STANZAS, slot_check
+from kmsenv.format.keys import _new_header
 
 KEY = bytes(range(32))
 ARN = "acs:kms:cn-hangzhou:1234567890123456:key/key-hzz6f8a9e1b2c3d4e5f60"
@@ -37,6 +38,15 @@ OTHER = KeyStanza("acs-kms", ARN.replace("hangzhou", "beijing"), "key-version-9"
 
 def make(context: dict[str, str] | None = None, stanzas: tuple[KeyStanza, ...] = (STANZA,)) -> tuple[Header, FileKey]:
     return new_header(KEY, stanzas=stanzas, context=context or {"app": "test"}, chunk_size=4096)
+
+
+def make_v1(
+    context: dict[str, str] | None = None, stanzas: tuple[KeyStanza, ...] = (STANZA,)
+) -> tuple[Header, FileKey]:
+    """A v1 header, as files written before v2 have (readers accept them forever)."""
+    return _new_header(
+        KEY, stanzas=stanzas, context=context or {"app": "test"}, chunk_size=4096, salt=bytes(32), version=1
+    )
 
 
 class Feeder(io.RawIOBase):
@@ -107,10 +117,11 @@ def test_read_header_reads_exactly_the_header() -> None:
 
 def test_magic_and_detection() -> None:
     header, _ = make()
-    assert MAGIC == b"KMSENV\x00\x01"
+    assert MAGIC == b"KMSENV\x00\x02"  # writers produce v2
     assert header.encode().startswith(MAGIC)
-    assert looks_like_v1(header.encode()[:8])
-    assert not looks_like_v1(b"KMSENV\x00\x02")
+    assert looks_like_v1(header.encode()[:8])  # the old name: "a kmsenv file this reader opens"
+    assert looks_like_v1(make_v1()[0].encode()[:8])
+    assert not looks_like_v1(b"KMSENV\x00\x03")
     assert not looks_like_v1(b"KMSENV")
     assert not looks_like_v1(b'{"json": 1}')
 
@@ -118,10 +129,18 @@ def test_magic_and_detection() -> None:
 # --- limits, before allocation -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("declared", [MAX_HEADER_SIZE + 1, 2**32 - 1])
-def test_header_length_over_limit_is_refused_after_reading_12_bytes(declared: int) -> None:
-    src = Feeder(MAGIC + struct.pack(">I", declared) + b"\x00" * 100)
-    with pytest.raises(FormatError, match="over the 65536-byte limit"):
+@pytest.mark.parametrize(
+    ("magic", "declared", "limit"),
+    [
+        (b"KMSENV\x00\x01", MAX_HEADER_SIZE + 1, MAX_HEADER_SIZE),
+        (b"KMSENV\x00\x01", 2**32 - 1, MAX_HEADER_SIZE),
+        (MAGIC, MAX_HEADER_SIZE_V2 + 1, MAX_HEADER_SIZE_V2),
+        (MAGIC, 2**32 - 1, MAX_HEADER_SIZE_V2),
+    ],
+)
+def test_header_length_over_limit_is_refused_after_reading_12_bytes(magic: bytes, declared: int, limit: int) -> None:
+    src = Feeder(magic + struct.pack(">I", declared) + b"\x00" * 100)
+    with pytest.raises(FormatError, match=f"over the {limit}-byte limit"):
         read_header(as_binary(src))
     assert src.pos == 12  # nothing past the length field was consumed
     assert max(src.requests) <= 12
@@ -136,12 +155,16 @@ def test_declared_length_bounds_every_read() -> None:
     assert max(src.requests) <= len(data)
 
 
-def test_field_lengths_are_bounded_by_the_header() -> None:
-    """A length prefix pointing past the header end raises FormatError, never IndexError."""
-    header, _ = make()
+@pytest.mark.parametrize("version", [1, 2])
+def test_field_lengths_are_bounded_by_the_header(version: int) -> None:
+    """A length prefix pointing past the header (v2: past its slot) raises FormatError, never IndexError."""
+    header, _ = make() if version == 2 else make_v1()
     data = bytearray(header.encode())
     blob_len_at = data.index(STANZA.ciphertext_blob) - 2
     data[blob_len_at : blob_len_at + 2] = struct.pack(">H", MAX_BLOB_SIZE)
+    if version == 2:  # an intact slot (check recomputed) that is malformed
+        end = header.slot_offset(header.active) + header.slot_size
+        data[end - 16 : end] = slot_check(bytes(data[end - header.slot_size : end - 16]))
     with pytest.raises(FormatError, match="truncated inside the CiphertextBlob"):
         parse_header(bytes(data))
 
@@ -177,12 +200,14 @@ def test_writer_refuses_what_the_reader_would(kwargs: dict[str, object], match: 
 def test_max_context_and_stanzas_fit() -> None:
     header, _ = new_header(KEY, stanzas=(STANZA,) * MAX_STANZAS, context={"k": "v" * (MAX_CONTEXT_BYTES - 1)})
     assert parse_header(header.encode())[0] == header
-    assert header.size <= MAX_HEADER_SIZE
+    assert header.size <= MAX_HEADER_SIZE_V2
 
 
 def test_total_header_size_limit() -> None:
     big = KeyStanza("acs-kms", "a" * 2048, "v" * 256, b"\x00" * MAX_BLOB_SIZE)
     with pytest.raises(FormatError, match="over the 65536-byte limit"):
+        make_v1(stanzas=(big,) * 20)
+    with pytest.raises(FormatError, match="over the slot's capacity of 65536"):
         new_header(KEY, stanzas=(big,) * 20, context={})
 
 
@@ -224,12 +249,21 @@ def test_open_header_returns_a_key_and_rejects_another() -> None:
         open_header(header, bytes(reversed(KEY)))
 
 
-def test_every_header_bit_is_authenticated() -> None:
-    """Flip each bit of the header: parsing or opening must fail (no byte is unauthenticated)."""
-    data = make({"app": "test", "tenant": "t1"}, (STANZA, OTHER))[0].encode()
+@pytest.mark.parametrize("version", [1, 2])
+def test_every_header_bit_is_authenticated(version: int) -> None:
+    """Flip each bit of the header: parsing or opening must fail (no byte is unauthenticated),
+    except in v2's spare slot, which is ignored when damaged and selects nothing."""
+    header = (make if version == 2 else make_v1)({"app": "test", "tenant": "t1"}, (STANZA, OTHER))[0]
+    data = header.encode()
+    spare = range(0) if version == 1 else range(header.slot_offset(1), header.size)
     for bit in range(len(data) * 8):
         mutated = bytearray(data)
         mutated[bit // 8] ^= 1 << (bit % 8)
+        if bit // 8 in spare:
+            parsed = parse_header(bytes(mutated))[0]
+            assert (parsed.stanzas, parsed.tag) == (header.stanzas, header.tag)
+            open_header(parsed, KEY)
+            continue
         with pytest.raises((FormatError, IntegrityError)):
             open_header(parse_header(bytes(mutated))[0], KEY)
 

@@ -1,5 +1,6 @@
-"""The committed format v1 vectors: each decrypts or fails exactly as its ``expect`` says, and the
-committed generator reproduces them byte for byte."""
+"""The committed format v1 and v2 vectors: each decrypts or fails exactly as its ``expect`` says,
+the library writes the success vectors byte for byte (v2 rewrap states through ``rewrap_header``
+and in-place ``slot_writes``), and the committed generator reproduces them byte for byte."""
 
 from __future__ import annotations
 
@@ -16,7 +17,15 @@ from typing import Any
 import pytest
 
 from kmsenv.errors import FormatError, IntegrityError
-from kmsenv.format import decrypt_stream, encrypt_stream, open_header, parse_header, read_header
+from kmsenv.format import (
+    decrypt_stream,
+    encrypt_stream,
+    open_header,
+    parse_header,
+    read_header,
+    rewrap_header,
+    slot_writes,
+)
 from kmsenv.format.keys import _new_header
 
 VECTORS = Path(__file__).parent / "vectors"
@@ -49,6 +58,8 @@ def run(record: dict[str, Any], threads: int) -> tuple[str, bytes]:
     stage = "header"
     try:
         header = read_header(src)
+        if "selected_generation" in record:  # v2: the slot a reader must choose
+            assert header.generation == record["selected_generation"]
         stage = "open"
         file_key = open_header(header, bytes.fromhex(record["data_key"]))
         stage = "payload"
@@ -81,7 +92,7 @@ def test_vector(name: str, threads: int) -> None:
         assert outcome == f"{record['stage']}:{record['expect']}"
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n.startswith("ok_")])
+@pytest.mark.parametrize("name", [n for n in NAMES if n.startswith(("ok_", "v2_ok_"))])
 def test_success_vectors_are_what_the_library_writes(name: str) -> None:
     """The library's writer, given the vector's salt, reproduces the file byte for byte: the
     independent generator and the implementation agree on the spec."""
@@ -93,13 +104,39 @@ def test_success_vectors_are_what_the_library_writes(name: str) -> None:
     key = bytes.fromhex(record["data_key"])
     decrypt_stream(io.BytesIO(data[size:]), plaintext, open_header(header, key), chunk_size=header.chunk_size)
     again, file_key = _new_header(
-        key, stanzas=header.stanzas, context=header.context, chunk_size=header.chunk_size, salt=header.salt
+        key,
+        stanzas=header.stanzas,
+        context=header.context,
+        chunk_size=header.chunk_size,
+        salt=header.salt,
+        version=header.version,
     )
     out = io.BytesIO()
     out.write(again.encode())
     plaintext.seek(0)
     encrypt_stream(plaintext, out, file_key, chunk_size=header.chunk_size)
     assert out.getvalue() == data
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if "rewrap_of" in load(n)])
+def test_rewrap_vectors_are_what_the_library_writes(name: str) -> None:
+    """``rewrap_header`` turns the base vector's header into this one (same payload bytes); from a
+    v2 base, the in-place writes turn the base file into this file, in increasing generation."""
+    record = load(name)
+    data, base = file_of(record), file_of(load(record["rewrap_of"]))
+    (before, n0), (after, n1) = parse_header(base), parse_header(data)
+    assert base[n0:] == data[n1:]
+    rewrapped = rewrap_header(before, open_header(before, bytes.fromhex(record["data_key"])), after.stanzas)
+    assert rewrapped.encode() == data[:n1]
+    writes = slot_writes(before, rewrapped)
+    if before.version == 1:
+        assert writes is None
+        return
+    assert writes
+    file = bytearray(base)
+    for offset, slot in writes:
+        file[offset : offset + len(slot)] = slot
+    assert bytes(file) == data
 
 
 def test_rewrapped_vector_shares_its_payload() -> None:

@@ -1,9 +1,11 @@
-"""Random access to v1 files: ``open_encrypted`` (a seekable reader), ``decrypt_range`` and
-``kmsenv decrypt --offset/--length``. Only touched chunks are verified; the final chunk is
+"""Random access to v1 and v2 files: ``open_encrypted`` (a seekable reader), ``decrypt_range`` and
+``kmsenv decrypt --offset/--length``. Chunks start at the header size (v2: the fixed header
+region, which in-place rewrap never changes). Only touched chunks are verified; the final chunk is
 verified on open; no byte of a chunk whose tag failed is ever returned or written."""
 
 from __future__ import annotations
 
+import base64
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,6 +52,39 @@ def payload_offset(path: Path, k: int) -> int:
     """Where chunk ``k``'s record starts."""
     header = fmt.read_header(io.BytesIO(path.read_bytes()))
     return Layout(header.size, header.chunk_size, 0).record_offset(k)
+
+
+def test_v1_files_and_rewrapped_v2_files_read_at_the_right_offsets(
+    files: tuple[EmbeddedKms, dict[int, Path]], tmp_path: Path
+) -> None:
+    """The payload starts at the v1 header's end, or at the v2 region's end (before and after an
+    in-place rewrap, which keeps it where it is); ranges and parallel decryption agree."""
+    from kmsenv.format.keys import _new_header
+
+    kms, paths = files
+    size = 3 * CHUNK + 1
+    original = paths[size].read_bytes()
+    header = fmt.read_header(io.BytesIO(original))
+    blob = base64.b64encode(header.stanzas[0].ciphertext_blob).decode()
+    data_key = kms.decrypt_data_key(blob, encryption_context=header.context).plaintext
+    v1, _ = _new_header(
+        data_key, stanzas=header.stanzas, context=header.context, chunk_size=CHUNK, salt=header.salt, version=1
+    )
+    old = tmp_path / "v1.cipher"
+    old.write_bytes(v1.encode() + original[header.size :])
+    rewrapped = tmp_path / "v2.cipher"
+    rewrapped.write_bytes(original)
+    key = kms.call("CreateKey", {})["KeyMetadata"]["KeyId"]
+    assert envelope.rewrap_file(rewrapped, kms=kms, key_ids=[key]).in_place
+    assert fmt.read_header(io.BytesIO(rewrapped.read_bytes())).size == header.size != v1.size
+    for path in (old, rewrapped):
+        with open_encrypted(path, kms=kms) as r:
+            r.seek(CHUNK - 3)
+            assert r.read(7) == data(size)[CHUNK - 3 : CHUNK + 4]
+            assert r.size == size
+        out = tmp_path / f"{path.name}.plain"
+        envelope.decrypt_file(path, out, kms=kms, threads=2)
+        assert out.read_bytes() == data(size)
 
 
 @pytest.mark.parametrize("size", SIZES)

@@ -511,7 +511,7 @@ def encrypt_stream(
     threads: int = 2,
     cache: DataKeyCache | None = None,
 ) -> int:
-    """Encrypt ``src`` (read to EOF) into ``dst`` as a v1 file: header, then chunks.
+    """Encrypt ``src`` (read to EOF) into ``dst`` as a kmsenv file (format v2): header, then chunks.
 
     ``key_id`` is a key id, key ARN, alias (``alias/...``) or alias ARN, or a sequence of them:
     the data key comes from ``GenerateDataKey`` under the first and is wrapped under each other
@@ -985,6 +985,7 @@ class RewrapResult:
     removed: tuple[str, ...]
     header_size: int
     file_size: int
+    in_place: bool = False  # only the header's slots were written (no copy of the payload)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -995,6 +996,7 @@ class RewrapResult:
             "removed": list(self.removed),
             "header_size": self.header_size,
             "file_size": self.file_size,
+            "in_place": self.in_place,
         }
 
 
@@ -1021,9 +1023,15 @@ def rewrap_file(
       not in the file, or if no wrapped key would remain.
 
     The new header gets a new tag (docs/format.md §6); salt, commitment and payload are the same
-    bytes. The file is rewritten beside itself (kernel-side copy of the payload with
-    ``copy_file_range``/``sendfile``) and renamed over the original atomically, keeping its mode
-    (and owner where permitted). A symbolic link is followed: the file it points to is rewritten.
+    bytes. A v2 file whose header slots can hold the new wrapped keys is changed **in place**:
+    the new keys are written into the header's spare slot and made durable, and, if a key was
+    removed or re-wrapped, the old slot is overwritten after that (docs/format.md §5.1); an
+    interrupted write leaves a file that opens with the old or the new keys. Otherwise (a v1
+    file, or keys that outgrow the slots) the file is rewritten beside itself as v2 with a larger
+    header (kernel-side copy of the payload with ``copy_file_range``/``sendfile``) and renamed
+    over the original atomically, keeping its mode (and owner where permitted). Concurrent
+    rewraps of one file are serialised (``flock``). A symbolic link is followed: the file it
+    points to is rewritten.
     """
     required = _context(context)
     adds = tuple(key_ids)
@@ -1035,7 +1043,7 @@ def rewrap_file(
     if removals.keys() & {key_ref_of_arn(k) for k in adds}:
         raise UsageError("the same key is both added and removed")
     target = os.path.realpath(path)
-    with open_input(target) as (fin, before):
+    with _locked_input(target) as (fin, before):
         if not stat.S_ISREG(before.st_mode):
             raise InputError(f"{os.fspath(path)} is not a regular file", hint="rewrap rewrites files in place")
         header = _read_v1_header(fin)
@@ -1075,13 +1083,16 @@ def rewrap_file(
         except FormatError as exc:  # over 64 wrapped keys or 64 KiB of header
             raise UsageError(exc.message) from None
         payload = before.st_size - header.size
-        with _os_errors(), AtomicOutput(target, force=True, mode=stat.S_IMODE(before.st_mode)) as out:
-            out.write(rewrapped.encode())
-            out.flush()
-            _copy_range(fin.fileno(), out.fileno(), header.size, payload)
-            with contextlib.suppress(OSError):  # only root may give a file away; others keep their own
-                os.fchown(out.fileno(), before.st_uid, before.st_gid)
-            _check_unchanged(fin, before)
+        writes = fmt.slot_writes(header, rewrapped)
+        in_place = writes is not None and _write_in_place(target, fin, before, writes)
+        if not in_place:
+            with _os_errors(), AtomicOutput(target, force=True, mode=stat.S_IMODE(before.st_mode)) as out:
+                out.write(rewrapped.encode())
+                out.flush()
+                _copy_range(fin.fileno(), out.fileno(), header.size, payload)
+                with contextlib.suppress(OSError):  # only root may give a file away; others keep their own
+                    os.fchown(out.fileno(), before.st_uid, before.st_gid)
+                _check_unchanged(fin, before)
     return RewrapResult(
         before=tuple(s.key_arn for s in header.stanzas),
         after=tuple(s.key_arn for s in rewrapped.stanzas),
@@ -1090,7 +1101,66 @@ def rewrap_file(
         removed=tuple(s.key_arn for s, ref in zip(header.stanzas, refs, strict=True) if ref in removals),
         header_size=rewrapped.size,
         file_size=rewrapped.size + payload,
+        in_place=in_place,
     )
+
+
+@contextmanager
+def _locked_input(target: str) -> Iterator[tuple[BinaryIO, os.stat_result]]:
+    """:func:`open_input` holding an exclusive ``flock`` on the file that ``target`` names now.
+
+    Serialises concurrent rewraps: each reads the header only after the previous one finished.
+    A rewrap that copies replaces the file (new inode), so a waiter re-opens the path if the
+    file it locked is no longer the one there.
+    """
+    import fcntl
+
+    while True:
+        with open_input(target) as (fin, before):
+            fcntl.flock(fin.fileno(), fcntl.LOCK_EX)
+            try:
+                now = os.stat(target)
+            except OSError:
+                now = None
+            if now is None or same_file(now, before):
+                yield fin, os.fstat(fin.fileno())
+                return
+
+
+def _write_in_place(target: str, fin: BinaryIO, before: os.stat_result, writes: list[tuple[int, bytes]]) -> bool:
+    """Write the header slots in place, each made durable before the next; False if the file
+    cannot be opened for writing (the caller then rewrites it beside itself, as for v1).
+
+    Order matters for crash safety (docs/format.md §5.1): see :func:`kmsenv.format.slot_writes`.
+    """
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if not same_file(os.fstat(fd), before):
+            return False
+        _check_unchanged(fin, before)
+        for offset, data in writes:
+            _pwrite_slot(fd, data, offset)
+            os.fdatasync(fd)
+    except OSError as exc:
+        # The file still opens (the slot being written is ignored when torn), with the old keys
+        # or, if the first write completed, the new ones: running the rewrap again finishes it.
+        raise OutputError(
+            f"cannot write the header of {target}: {exc.strerror or exc}",
+            hint="the file still opens, with its old or its new keys; rewrap it again to finish",
+        ) from None
+    finally:
+        os.close(fd)
+    return True
+
+
+def _pwrite_slot(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def _read_v1_header(src: BinaryIO) -> fmt.Header:
@@ -1137,7 +1207,7 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
 def _v1_facts(header: fmt.Header, file_size: int | None) -> dict[str, Any]:
     facts: dict[str, Any] = {
         "format": "kmsenv",
-        "format_version": fmt.FORMAT_VERSION,
+        "format_version": header.version,
         "suite": _SUITE_NAMES.get(header.suite, str(header.suite)),
         "suite_id": header.suite,
         "chunk_size": header.chunk_size,

@@ -28,8 +28,8 @@ from urllib.parse import quote
 
 from kmsenv import _crypto
 from kmsenv.errors import HTTP_STATUS, FormatError, IntegrityError, KmsError
-from kmsenv.format.header import parse_header, read_header
-from kmsenv.format.keys import open_header
+from kmsenv.format.header import KeyStanza, parse_header, read_header, slot_check, slot_writes
+from kmsenv.format.keys import open_header, rewrap_header
 from kmsenv.format.legacy import open_legacy, parse_legacy
 from kmsenv.format.stream import decrypt_stream
 from kmsenv.kms.blob import blob_aad, blob_prefix, decode_blob, encode_blob
@@ -67,13 +67,20 @@ def _file_seeds() -> list[bytes]:
 
 # -- header ----------------------------------------------------------------------------------------
 def fuzz_header(data: bytes) -> None:
-    """parse_header and read_header agree; an accepted header re-encodes byte for byte."""
+    """parse_header and read_header agree; an accepted header re-encodes byte for byte.
+
+    IntegrityError is allowed only for a v2 header neither of whose slots is intact.
+    """
     try:
         header, size = parse_header(data)
-    except FormatError:
+    except (FormatError, IntegrityError) as exc:
+        if isinstance(exc, IntegrityError) and data[7:8] != b"\x02":
+            raise Finding("a v1 header parse raised IntegrityError") from exc
         try:
             read_header(io.BytesIO(data))
-        except FormatError:
+        except (FormatError, IntegrityError) as again:
+            if type(again) is not type(exc):
+                raise Finding("read_header and parse_header fail differently") from again
             return
         raise Finding("read_header accepted what parse_header refused") from None
     if header.encode() != data[:size]:
@@ -82,7 +89,75 @@ def fuzz_header(data: bytes) -> None:
         raise Finding("read_header and parse_header disagree")
 
 
-# -- chunk stream (whole v1 file under the vectors' data key) --------------------------------------
+# -- v2 slots: selection, in-place rewrap, torn writes ---------------------------------------------
+def _v2_base() -> bytes:
+    return next(base64.b64decode(str(v["file_base64"])) for n, v in _format_vectors() if n == "v2_ok_one_byte")
+
+
+_V2_STANZA = KeyStanza("acs-kms", "acs:kms:cn-beijing:1234567890123456:key/fuzz", "v-fuzz", b"\x05" * 40)
+
+
+def fuzz_header_v2(data: bytes) -> None:
+    """``data`` is the two-slot region after the immutable part of vector ``v2_ok_one_byte``.
+
+    Whatever the slots hold, parsing either fails with FormatError/IntegrityError or selects the
+    intact slot of the highest generation (the other is not intact, or lower) and re-encodes
+    byte for byte. If the selected slot also opens under the vectors' data key, an in-place
+    rewrap (add a key, or remove one) is applied with its last write torn at a point chosen by
+    ``data``: the file must still parse and open, with the old or the new stanzas.
+    """
+    base = _v2_base()
+    fixed = parse_header(base)[0]
+    immutable_size = fixed.slot_offset(0)
+    total = immutable_size + len(data)
+    if total > 0xFFFFFFFF:
+        return
+    region = base[:8] + total.to_bytes(4, "big") + base[12:immutable_size] + data
+    try:
+        header, size = parse_header(region)
+    except (FormatError, IntegrityError):
+        return
+    if header.encode() != region[:size] or header.version != 2:
+        raise Finding("an accepted v2 region does not re-encode to its bytes")
+    other = region[header.slot_offset(1 - header.active) :][: header.slot_size]
+    if slot_check(other[:-16]) == other[-16:] and int.from_bytes(other[:8], "big") >= header.generation:
+        raise Finding("the selected slot is not the intact slot of the highest generation")
+    try:
+        file_key = open_header(header, DATA_KEY)
+    except IntegrityError:
+        return
+    new = (*header.stanzas, _V2_STANZA) if len(data) % 2 or len(header.stanzas) == 1 else header.stanzas[1:]
+    try:
+        rewrapped = rewrap_header(header, file_key, new)
+    except FormatError:
+        return  # 65 stanzas
+    writes = slot_writes(header, rewrapped)
+    if writes is None:
+        return  # outgrew the slots: the copying path
+    file = bytearray(region)
+    for i, (offset, slot) in enumerate(writes):
+        cut = len(slot) if i < len(writes) - 1 else (data[0] if data else 0) * len(slot) // 256
+        file[offset : offset + cut] = slot[:cut]
+    after = parse_header(bytes(file))[0]
+    open_header(after, DATA_KEY)
+    if after.stanzas not in (header.stanzas, rewrapped.stanzas):
+        raise Finding("a torn in-place rewrap selected neither the old nor the new stanzas")
+
+
+def _v2_slot_seeds() -> list[bytes]:
+    fixed = parse_header(_v2_base())[0]
+    seeds = []
+    for _, v in _format_vectors():
+        file = base64.b64decode(str(v["file_base64"]))
+        if file[:8] == b"KMSENV\x00\x02" and file[12:15] == _v2_base()[12:15]:
+            with contextlib.suppress(FormatError, IntegrityError):
+                header = parse_header(file)[0]
+                if header.salt == fixed.salt and header.context == fixed.context:
+                    seeds.append(file[header.slot_offset(0) : header.size])
+    return seeds
+
+
+# -- chunk stream (whole v1 or v2 file under the vectors' data key) --------------------------------
 def fuzz_stream(data: bytes) -> None:
     """Header, commitment and tag, then the chunk decoder; FormatError/IntegrityError only."""
     src = io.BytesIO(data)
@@ -201,15 +276,11 @@ def _request_bytes(v: dict[str, object]) -> bytes:
 
     headers = "\n".join(f"{k}: {val}" for k, val in v["headers"])  # type: ignore[attr-defined]
     body = str(v.get("body") or "") or pairs(v["form"])
-    return _SEP.join(
-        (str(v["method"]).encode(), pairs(v["query"]).encode(), headers.encode("latin-1"), body.encode())
-    )
+    return _SEP.join((str(v["method"]).encode(), pairs(v["query"]).encode(), headers.encode("latin-1"), body.encode()))
 
 
 def _request_seeds() -> list[bytes]:
-    return [
-        _request_bytes(json.loads(p.read_text("utf-8"))) for p in sorted((VECTORS / "signature").glob("*.json"))
-    ]
+    return [_request_bytes(json.loads(p.read_text("utf-8"))) for p in sorted((VECTORS / "signature").glob("*.json"))]
 
 
 # -- policy documents ------------------------------------------------------------------------------
@@ -245,8 +316,9 @@ def _policy_seeds() -> list[bytes]:
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
-        Target("header", fuzz_header, _file_seeds, "v1 header parser (format/header.py)"),
-        Target("stream", fuzz_stream, _file_seeds, "v1 header + commitment/tag + chunk stream decoder"),
+        Target("header", fuzz_header, _file_seeds, "v1/v2 header parser (format/header.py)"),
+        Target("header_v2", fuzz_header_v2, _v2_slot_seeds, "v2 slot selection, in-place rewrap, torn writes"),
+        Target("stream", fuzz_stream, _file_seeds, "v1/v2 header + commitment/tag + chunk stream decoder"),
         Target("legacy", fuzz_legacy, _legacy_seeds, "legacy AES-EAX file reader (format/legacy.py)"),
         Target("blob", fuzz_blob, _blob_seeds, "CiphertextBlob parser (kms/blob.py)"),
         Target("request", fuzz_request, _request_seeds, "server request parsing + signature canonicalisation"),

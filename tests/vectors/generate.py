@@ -1,4 +1,4 @@
-"""Generate the kmsenv format v1 test vectors: ``python tests/vectors/generate.py``.
+"""Generate the kmsenv format v1 and v2 test vectors: ``python tests/vectors/generate.py``.
 
 An independent, deliberately naive writer of the format as docs/format.md specifies it. It does not
 use :mod:`kmsenv.format` (only the primitives of :mod:`kmsenv._crypto`), so the vectors check the
@@ -273,7 +273,7 @@ def bad_magic() -> Vector:
 
 @vector
 def bad_version() -> Vector:
-    return bad_header("format version 2 is unknown", malformed(magic=b"KMSENV\x00\x02"))
+    return bad_header("format version 3 is unknown", malformed(magic=b"KMSENV\x00\x03"))
 
 
 @vector
@@ -566,6 +566,415 @@ def chunk_from_other_file() -> Vector:
     other = dataclasses.replace(spec, salt_label="another file")
     recs[1] = chunks(other)[1]
     return bad_payload("second chunk taken from a file with the same data key, other salt", head + b"".join(recs))
+
+
+# --- format v2: the same immutable part, wrapped keys in two slots -------------------------------
+
+V2_MAGIC = b"KMSENV\x00\x02"
+SLOT_OVERHEAD = 8 + 32 + 16  # generation, tag, check
+
+
+def v2_capacity(section_size: int) -> int:
+    """docs/format.md §9.10: max(1024, 2 x stanza section), rounded up to 256, at most 65536."""
+    capacity = max(1024, 2 * section_size)
+    return min(-(-capacity // 256) * 256, 65536)
+
+
+@dataclasses.dataclass
+class Slot:
+    """One v2 slot: generation and stanzas (in a Spec, for its stanza section), padding override."""
+
+    generation: int
+    stanzas: tuple[tuple[bytes, bytes, bytes, bytes], ...] = (STANZA,)
+    stanza_count: int | None = None
+    pad: bytes | None = None  # None: zeros up to the capacity
+    spec: Spec | None = None  # another file's immutable fields (salt...), for a transplanted slot
+
+
+def v2_immutable(
+    spec: Spec, capacity: int, key: bytes = DATA_KEY, length_delta: int = 0, commitment: bytes | None = None
+) -> bytes:
+    if commitment is None:
+        commitment = derive(key, spec, b"commitment")
+    context = spec.context_section()
+    slot_size = capacity + SLOT_OVERHEAD
+    length = 8 + 4 + 2 + 1 + 32 + 32 + len(context) + 2 * slot_size + length_delta
+    return V2_MAGIC + struct.pack(">IHB", length, spec.suite, spec.log2) + spec.salt + commitment + context
+
+
+def v2_slot(spec: Spec, slot: Slot, capacity: int, key: bytes = DATA_KEY, immutable: bytes | None = None) -> bytes:
+    """generation ‖ stanza section ‖ zero padding ‖ HMAC(mac key, immutable ‖ those) ‖ SHA-256 check."""
+    own = slot.spec or spec
+    if immutable is None:
+        immutable = v2_immutable(own, capacity, key)
+    section = dataclasses.replace(own, stanzas=slot.stanzas, stanza_count=slot.stanza_count).stanza_section()
+    pad = bytes(capacity - len(section)) if slot.pad is None else slot.pad
+    body = struct.pack(">Q", slot.generation) + section + pad
+    tag = _crypto.hmac_sha256(derive(key, own, b"header-mac"), immutable + body)
+    return body + tag + hashlib.sha256(body + tag).digest()[:16]
+
+
+def v2_header(
+    spec: Spec,
+    slots: tuple[Slot | bytes | None, Slot | bytes | None],
+    capacity: int | None = None,
+    key: bytes = DATA_KEY,
+    **immutable_args: object,
+) -> bytes:
+    """The v2 header region: immutable part, slot A, slot B (None: an unused, all-zero slot)."""
+    if capacity is None:
+        capacity = v2_capacity(len(spec.stanza_section()))
+    immutable = v2_immutable(spec, capacity, key, **immutable_args)  # type: ignore[arg-type]
+    out = [immutable]
+    for slot in slots:
+        if slot is None:
+            out.append(bytes(capacity + SLOT_OVERHEAD))
+        elif isinstance(slot, bytes):
+            out.append(slot)
+        else:
+            out.append(v2_slot(spec, slot, capacity, key, immutable if slot.spec is None else None))
+    return b"".join(out)
+
+
+def v2_file(spec: Spec, slots: tuple[Slot | bytes | None, Slot | bytes | None] | None = None, **kw: object) -> bytes:
+    """A v2 file; by default as a writer creates it: the stanzas in slot A, generation 1, B unused."""
+    return v2_header(spec, slots or (Slot(1, spec.stanzas), None), **kw) + b"".join(chunks(spec))  # type: ignore[arg-type]
+
+
+def v2_ok(description: str, spec: Spec, data: bytes, generation: int, rewrap_of: str | None = None) -> Vector:
+    v = ok(description, spec)
+    v["file"] = data
+    v["selected_generation"] = generation
+    if rewrap_of is not None:
+        v["rewrap_of"] = rewrap_of
+    return v
+
+
+def torn(new: bytes, old: bytes, cut: int) -> bytes:
+    """A slot whose write of ``new`` over ``old`` stopped after ``cut`` bytes."""
+    return new[:cut] + old[cut:]
+
+
+ONE_BYTE = Spec(plaintext=b"\x2a")
+TWO_KEYS = (STANZA, STANZA_2)
+CAP = v2_capacity(len(ONE_BYTE.stanza_section()))
+
+
+def slot_of(spec: Spec, generation: int, stanzas: tuple[tuple[bytes, bytes, bytes, bytes], ...]) -> bytes:
+    return v2_slot(spec, Slot(generation, stanzas), CAP, immutable=v2_immutable(spec, CAP))
+
+
+@vector
+def v2_ok_empty() -> Vector:
+    spec = Spec()
+    return v2_ok(
+        "v2, as written: empty plaintext, stanzas in slot A (generation 1), slot B unused", spec, v2_file(spec), 1
+    )
+
+
+@vector
+def v2_ok_one_byte() -> Vector:
+    return v2_ok("v2, as written: one byte", ONE_BYTE, v2_file(ONE_BYTE), 1)
+
+
+@vector
+def v2_ok_three_chunks_short_final() -> Vector:
+    spec = three_chunks()[0]
+    return v2_ok(
+        "v2, as written: two full chunks and a short final one after the header region", spec, v2_file(spec), 1
+    )
+
+
+@vector
+def v2_ok_two_wrapped_keys() -> Vector:
+    spec = Spec(b"two", stanzas=TWO_KEYS)
+    return v2_ok("v2, as written: two stanzas", spec, v2_file(spec), 1)
+
+
+@vector
+def v2_ok_context_empty() -> Vector:
+    spec = Spec(b"no context", context=())
+    return v2_ok("v2, as written: no encryption context pairs", spec, v2_file(spec), 1)
+
+
+@vector
+def v2_ok_64_wrapped_keys() -> Vector:
+    stanzas = tuple((b"acs-kms", f"{ARN}-{i}".encode(), b"v", bytes([i + 1]) * 32) for i in range(64))
+    spec = Spec(b"many", stanzas=stanzas)
+    return v2_ok("v2, as written: 64 stanzas; the slots are twice the stanza section", spec, v2_file(spec), 1)
+
+
+def added_key_state() -> bytes:
+    return v2_header(ONE_BYTE, (Slot(1), Slot(2, TWO_KEYS)), CAP)
+
+
+@vector
+def v2_rewrap_added_key() -> Vector:
+    data = added_key_state() + b"".join(chunks(ONE_BYTE))
+    return v2_ok(
+        "rewrap in place adding a key: slot B written with generation 2; slot A (generation 1) kept as it was",
+        ONE_BYTE,
+        data,
+        2,
+        "v2_ok_one_byte",
+    )
+
+
+@vector
+def v2_rewrap_removed_key() -> Vector:
+    only = (STANZA_2,)
+    data = v2_header(ONE_BYTE, (Slot(3, only), Slot(4, only)), CAP) + b"".join(chunks(ONE_BYTE))
+    return v2_ok(
+        "rewrap in place removing a key: slot A written (generation 3), then slot B overwritten (generation 4)",
+        ONE_BYTE,
+        data,
+        4,
+        "v2_rewrap_added_key",
+    )
+
+
+@vector
+def v2_rewrap_from_v1() -> Vector:
+    spec = Spec(plaintext=pattern(CHUNK + 1), stanzas=(STANZA_2,))
+    return v2_ok(
+        "rewrap of the v1 file ok_chunk_plus_one: a new v2 region, the same payload bytes",
+        spec,
+        v2_file(spec),
+        1,
+        "ok_chunk_plus_one",
+    )
+
+
+@vector
+def v2_torn_new_slot() -> Vector:
+    new = slot_of(ONE_BYTE, 2, TWO_KEYS)
+    data = v2_header(ONE_BYTE, (Slot(1), torn(new, bytes(len(new)), len(new) // 2)), CAP)
+    return v2_ok(
+        "slot B torn halfway through its first write: slot A (generation 1) is used",
+        ONE_BYTE,
+        data + b"".join(chunks(ONE_BYTE)),
+        1,
+    )
+
+
+@vector
+def v2_torn_after_generation() -> Vector:
+    new = slot_of(ONE_BYTE, 2, TWO_KEYS)
+    data = v2_header(ONE_BYTE, (Slot(1), torn(new, bytes(len(new)), 8)), CAP)
+    return v2_ok(
+        "only slot B's new generation was written: its check fails, slot A is used",
+        ONE_BYTE,
+        data + b"".join(chunks(ONE_BYTE)),
+        1,
+    )
+
+
+@vector
+def v2_torn_purge() -> Vector:
+    only = (STANZA_2,)
+    old_b = slot_of(ONE_BYTE, 2, TWO_KEYS)
+    new_b = slot_of(ONE_BYTE, 4, only)
+    data = v2_header(ONE_BYTE, (Slot(3, only), torn(new_b, old_b, 100)), CAP)
+    return v2_ok(
+        "interrupted overwrite of the old slot after a removal: the new slot A (generation 3) is used",
+        ONE_BYTE,
+        data + b"".join(chunks(ONE_BYTE)),
+        3,
+    )
+
+
+@vector
+def v2_garbled_spare_slot() -> Vector:
+    data = v2_header(ONE_BYTE, (Slot(1), b"\xff" * (CAP + SLOT_OVERHEAD)), CAP)
+    return v2_ok(
+        "slot B is garbage (not intact): ignored, slot A is used", ONE_BYTE, data + b"".join(chunks(ONE_BYTE)), 1
+    )
+
+
+@vector
+def v2_generation_not_position() -> Vector:
+    data = v2_header(ONE_BYTE, (Slot(7, (STANZA_2,)), Slot(6, TWO_KEYS)), CAP)
+    return v2_ok(
+        "both slots intact: the higher generation wins (slot A, 7, over slot B, 6)",
+        ONE_BYTE,
+        data + b"".join(chunks(ONE_BYTE)),
+        7,
+    )
+
+
+def v2_bad(
+    error: str, stage: str, reason: str, header_bytes: bytes, *, spec: Spec = ONE_BYTE, key: bytes = DATA_KEY
+) -> Vector:
+    return fail(error, stage, reason, header_bytes + b"".join(chunks(spec)), key)
+
+
+@vector
+def v2_both_slots_torn() -> Vector:
+    new_b = slot_of(ONE_BYTE, 2, TWO_KEYS)
+    a = slot_of(ONE_BYTE, 1, (STANZA,))
+    data = v2_header(ONE_BYTE, (torn(b"\x00" * len(a), a, 40), torn(new_b, bytes(len(new_b)), 300)), CAP)
+    return v2_bad("IntegrityError", "header", "neither slot intact (both torn): nothing to authenticate", data)
+
+
+@vector
+def v2_no_slot_written() -> Vector:
+    return v2_bad("IntegrityError", "header", "both slots all zero", v2_header(ONE_BYTE, (None, None), CAP))
+
+
+@vector
+def v2_nonzero_padding() -> Vector:
+    section = len(ONE_BYTE.stanza_section())
+    pad = bytes(CAP - section - 1) + b"\x01"
+    data = v2_header(ONE_BYTE, (Slot(1, pad=pad), None), CAP)
+    return v2_bad(
+        "FormatError", "header", "slot A intact (check and tag recomputed) but its padding ends in 0x01", data
+    )
+
+
+@vector
+def v2_equal_generations() -> Vector:
+    data = v2_header(ONE_BYTE, (Slot(2), Slot(2, TWO_KEYS)), CAP)
+    return v2_bad("FormatError", "header", "both slots intact with generation 2", data)
+
+
+@vector
+def v2_generation_zero() -> Vector:
+    data = v2_header(ONE_BYTE, (Slot(0), None), CAP)
+    return v2_bad("FormatError", "header", "an intact slot with generation 0", data)
+
+
+@vector
+def v2_no_wrapped_keys() -> Vector:
+    return v2_bad(
+        "FormatError", "header", "an intact slot with zero stanzas", v2_header(ONE_BYTE, (Slot(1, ()), None), CAP)
+    )
+
+
+@vector
+def v2_stanza_count_overruns() -> Vector:
+    data = v2_header(ONE_BYTE, (Slot(1, stanza_count=2), None), CAP)
+    return v2_bad("FormatError", "header", "stanza count says 2, one stanza present (then zero padding)", data)
+
+
+@vector
+def v2_stanzas_overrun_slot() -> Vector:
+    """A slot whose stanza section is 20 bytes longer than its capacity: the cursor stops at the tag."""
+    big = (b"acs-kms", ARN.encode(), b"v", b"\x03" * 40)
+    spec = dataclasses.replace(ONE_BYTE, stanzas=(big,))
+    section = spec.stanza_section()
+    capacity = len(section) - 20
+    immutable = v2_immutable(spec, capacity)
+    body = struct.pack(">Q", 1) + section[:capacity]
+    tag = _crypto.hmac_sha256(derive(DATA_KEY, spec, b"header-mac"), immutable + body)
+    a = body + tag + hashlib.sha256(body + tag).digest()[:16]
+    return v2_bad(
+        "FormatError",
+        "header",
+        "a stanza runs past the slot's capacity into its tag",
+        v2_header(spec, (a, None), capacity),
+        spec=spec,
+    )
+
+
+@vector
+def v2_odd_slot_region() -> Vector:
+    data = v2_header(ONE_BYTE, (Slot(1), None), CAP, length_delta=1) + b"\x00"
+    return v2_bad("FormatError", "header", "one byte more after the context than two equal slots", data)
+
+
+@vector
+def v2_slot_too_small() -> Vector:
+    data = v2_header(ONE_BYTE, (None, None), 10)
+    return v2_bad("FormatError", "header", "slots of 66 bytes, under the 67-byte minimum", data)
+
+
+@vector
+def v2_slot_too_large() -> Vector:
+    data = v2_header(ONE_BYTE, (Slot(1), None), 65537)
+    return v2_bad("FormatError", "header", "slots with capacity 65537, over the 65536 limit", data)
+
+
+@vector
+def v2_header_length_over_limit() -> Vector:
+    head = V2_MAGIC + struct.pack(">I", 256 * 1024 + 1)
+    return bad_header("v2 header length 256 KiB + 1, refused before reading on", head + bytes(200))
+
+
+@vector
+def v2_truncated_region() -> Vector:
+    data = v2_header(ONE_BYTE, (Slot(1), None), CAP)
+    return bad_header("input ends inside slot B", data[:-10])
+
+
+@vector
+def v2_bad_slot_tag() -> Vector:
+    a = slot_of(ONE_BYTE, 1, (STANZA,))
+    b = bytearray(slot_of(ONE_BYTE, 2, TWO_KEYS))
+    tag_at = len(b) - 16 - 1
+    b[tag_at] ^= 1
+    b[-16:] = hashlib.sha256(bytes(b[:-16])).digest()[:16]
+    data = v2_header(ONE_BYTE, (a, bytes(b)), CAP)
+    return v2_bad(
+        "IntegrityError", "open", "slot B intact (check recomputed) but its tag is wrong: no fallback to slot A", data
+    )
+
+
+@vector
+def v2_wrong_data_key() -> Vector:
+    return v2_bad(
+        "IntegrityError",
+        "open",
+        "a valid v2 file opened with another data key",
+        v2_header(ONE_BYTE, (Slot(1), None), CAP),
+        key=OTHER_KEY,
+    )
+
+
+@vector
+def v2_context_modified() -> Vector:
+    data = v2_header(ONE_BYTE, (Slot(1), None), CAP)
+    return v2_bad(
+        "IntegrityError",
+        "open",
+        "one context byte changed: the immutable part is under every slot tag",
+        flip(data, data.index(b"kmsenv-vectors")),
+    )
+
+
+@vector
+def v2_commitment_modified() -> Vector:
+    right = derive(DATA_KEY, ONE_BYTE, b"commitment")
+    data = v2_header(ONE_BYTE, (Slot(1), None), CAP, commitment=flip(right, 0))
+    return v2_bad("IntegrityError", "open", "commitment altered, slot tag and check recomputed to match", data)
+
+
+@vector
+def v2_slot_from_other_file() -> Vector:
+    other = dataclasses.replace(ONE_BYTE, salt_label="another file")
+    data = v2_header(ONE_BYTE, (Slot(1, spec=other), None), CAP)
+    return v2_bad("IntegrityError", "open", "slot A taken from a file with the same data key and another salt", data)
+
+
+@vector
+def v2_header_only() -> Vector:
+    return fail(
+        "IntegrityError", "payload", "a valid v2 header region and no chunks", v2_header(ONE_BYTE, (Slot(1), None), CAP)
+    )
+
+
+@vector
+def v2_payload_truncated() -> Vector:
+    spec = three_chunks()[0]
+    return fail(
+        "IntegrityError",
+        "payload",
+        "v2 file cut at the first chunk boundary after the region",
+        v2_file(spec)[: -(REC_FINAL + REC)],
+    )
+
+
+REC = CHUNK + 16
+REC_FINAL = 100 + 16
 
 
 # --- output ----------------------------------------------------------------------------------------

@@ -279,10 +279,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         description="Verify each FILE's header (one data key unwrapped, commitment and tag checked), then "
         "replace its wrapped keys: --key-id adds a CMK (ReEncrypt from a wrapped key that opened) or, for a CMK "
         "already in the file, re-wraps it under its current primary version; --remove-key-id drops one. Only "
-        "the header changes; the file is rewritten beside itself (kernel-side copy of the payload) and renamed "
-        "over the original atomically, keeping its mode. A failure on one FILE is reported and the others go on.",
+        "the header changes: in place for v2 files (a header slot is written; the payload is not touched); a v1 "
+        "file, or keys that outgrow the slots, is rewritten beside itself as v2 (kernel-side copy of the payload) "
+        "and renamed over the original atomically, keeping its mode. A failure on one FILE is reported and the "
+        "others go on.",
     )
-    p.add_argument("files", nargs="+", metavar="FILE", help="kmsenv v1 file(s), rewritten in place")
+    p.add_argument("files", nargs="+", metavar="FILE", help="kmsenv v1 or v2 file(s), changed in place")
     p.add_argument("--key-id", action="append", default=[], metavar="KEY", help="CMK to add or refresh (repeatable)")
     p.add_argument(
         "--remove-key-id",

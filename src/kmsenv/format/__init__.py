@@ -1,9 +1,10 @@
-"""kmsenv file format v1: the header codec, per-file keys and the chunked payload stream.
+"""kmsenv file formats v1 and v2: the header codec, per-file keys and the chunked payload stream.
 
 The normative specification is docs/format.md; this package is its implementation and the
 package-internal API the file-level layer (:mod:`kmsenv.envelope`) is written against:
 
-* :mod:`.header` — byte layout, limits, the strict canonical parser (no cryptography);
+* :mod:`.header` — byte layout, limits, the strict canonical parser, v2 slot selection and
+  in-place slot writes (nothing keyed);
 * :mod:`.keys` — the KDF, key commitment and header tag (:class:`FileKey` handles);
 * :mod:`.stream` — the chunk framing and the constant-memory, optionally parallel engine.
 
@@ -18,14 +19,18 @@ from kmsenv.format.header import (
     MAGIC,
     MAX_CHUNK_SIZE,
     MAX_HEADER_SIZE,
+    MAX_HEADER_SIZE_V2,
     MAX_STANZAS,
     MIN_CHUNK_SIZE,
     SUITE_AES256GCM_HKDF_SHA256,
+    VERSIONS,
     Header,
     KeyStanza,
+    looks_like_kmsenv,
     looks_like_v1,
     parse_header,
     read_header,
+    slot_writes,
 )
 from kmsenv.format.keys import DATA_KEY_SIZE, FileKey, new_header, open_header, rewrap_header
 from kmsenv.format.stream import CHUNK_TAG_SIZE, decrypt_stream, encrypt_stream, payload_size
@@ -38,14 +43,17 @@ __all__ = [
     "MAGIC",
     "MAX_CHUNK_SIZE",
     "MAX_HEADER_SIZE",
+    "MAX_HEADER_SIZE_V2",
     "MAX_STANZAS",
     "MIN_CHUNK_SIZE",
     "SUITE_AES256GCM_HKDF_SHA256",
+    "VERSIONS",
     "FileKey",
     "Header",
     "KeyStanza",
     "decrypt_stream",
     "encrypt_stream",
+    "looks_like_kmsenv",
     "looks_like_v1",
     "new_header",
     "open_header",
@@ -53,4 +61,5 @@ __all__ = [
     "payload_size",
     "read_header",
     "rewrap_header",
+    "slot_writes",
 ]

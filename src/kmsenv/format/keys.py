@@ -1,4 +1,4 @@
-"""Per-file keys of format v1: the KDF, the key commitment and the header tag (docs/format.md §6).
+"""Per-file keys of formats v1 and v2: the KDF, the key commitment and the header tags (docs/format.md §6).
 
 This module owns everything in the header that needs the data key. From one data key and the
 header's random salt it derives three values, each under its own HKDF label:
@@ -11,25 +11,32 @@ header's random salt it derives three values, each under its own HKDF label:
 
 The wrapped-key stanzas are deliberately *not* KDF input, only tag input: ``rewrap`` replaces
 them and recomputes the tag without touching the payload. Everything else in the header (suite,
-chunk size, context) is bound into the KDF as well as the tag.
+chunk size, context) is bound into the KDF as well as the tag. v2 derives exactly as v1 (same
+label): a v1 file converts to v2 by rewriting its header only, the payload bytes unchanged; the
+tags of the two versions cannot be swapped because each covers the magic with its version byte.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from kmsenv import _crypto
 from kmsenv.errors import FormatError, IntegrityError
 from kmsenv.format.header import (
     DEFAULT_CHUNK_SIZE,
+    FORMAT_VERSION,
+    MAX_GENERATION,
     SALT_SIZE,
     SUITE_AES256GCM_HKDF_SHA256,
     Header,
     KeyStanza,
     chunk_log2,
     encode_context,
+    slot_size_for,
+    stanza_section,
+    zero_slot,
 )
 
 __all__ = ["DATA_KEY_SIZE", "FileKey", "new_header", "open_header", "rewrap_header"]
@@ -104,7 +111,11 @@ def new_header(
     context: Mapping[str, str],
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[Header, FileKey]:
-    """A fresh header (random salt, commitment, tag) and the file key to encrypt the payload with."""
+    """A fresh v2 header (random salt, commitment, tag) and the file key to encrypt the payload with.
+
+    The stanzas go into slot A with generation 1; slot B is left unused (zero), ready for the
+    first in-place rewrap. Slots get :func:`~kmsenv.format.header.slot_size_for` capacity.
+    """
     return _new_header(
         data_key,
         stanzas=stanzas,
@@ -121,10 +132,15 @@ def _new_header(
     context: Mapping[str, str],
     chunk_size: int,
     salt: bytes,
+    version: int = FORMAT_VERSION,
 ) -> tuple[Header, FileKey]:
-    """:func:`new_header` with the salt passed in: the deterministic seam for test vectors only."""
+    """:func:`new_header` with the salt (and version) passed in: the deterministic seam for tests."""
     suite = SUITE_AES256GCM_HKDF_SHA256
     file_key = FileKey(data_key, suite=suite, chunk_size=chunk_size, context=context, salt=salt)
+    fields: dict[str, Any] = {}
+    if version == 2:
+        slot_size = slot_size_for(len(stanza_section(stanzas)))
+        fields = {"version": 2, "slot_size": slot_size, "generation": 1, "active": 0, "standby": zero_slot(slot_size)}
     draft = Header(
         suite=suite,
         chunk_size=chunk_size,
@@ -133,8 +149,20 @@ def _new_header(
         stanzas=tuple(stanzas),
         commitment=file_key.commitment(),
         tag=bytes(32),
+        **fields,
     )
     return _seal(draft, file_key), file_key
+
+
+def _fresh_region(header: Header, stanzas: tuple[KeyStanza, ...]) -> Header:
+    """``header`` (v1 or v2) with ``stanzas`` in a new v2 region sized for them: slot A, generation 1.
+
+    Not yet sealed (the tag is the old one): pass it to :func:`_seal`.
+    """
+    slot_size = slot_size_for(len(stanza_section(stanzas)))
+    return dataclasses.replace(
+        header, stanzas=stanzas, version=2, slot_size=slot_size, generation=1, active=0, standby=zero_slot(slot_size)
+    )
 
 
 def open_header(header: Header, data_key: bytes) -> FileKey:
@@ -156,12 +184,32 @@ def open_header(header: Header, data_key: bytes) -> FileKey:
 
 
 def rewrap_header(header: Header, file_key: FileKey, stanzas: Sequence[KeyStanza]) -> Header:
-    """``header`` with new wrapped keys: same salt, context and commitment, a new tag.
+    """``header`` with new wrapped keys: same salt, context and commitment, a new tag. Always v2.
 
     The payload stays valid because stanzas are not KDF input. ``file_key`` must be the one
     :func:`open_header` returned for this header (checked: a mismatched key would produce a
     header that no holder of the data key could open).
+
+    For a v2 header whose slots can hold the new stanzas, the result has the same region: the
+    new stanzas go into the other slot with the next generation (so :func:`slot_writes` can
+    write them in place). If the old slot holds a wrapped key the new set does not (a key was
+    removed or re-wrapped), it is overwritten too, with the same new stanzas and the generation
+    after that, so no removed wrapped key survives in the file. Otherwise (a v1 header, or too
+    many stanzas for the slots) the result is a fresh, larger v2 region: the file must be
+    rewritten (its payload copied unchanged after the new region).
     """
     if not _crypto.constant_time_eq(file_key.commitment(), header.commitment):
         raise IntegrityError(_HEADER_FAILED)
-    return _seal(dataclasses.replace(header, stanzas=tuple(stanzas)), file_key)
+    stanzas = tuple(stanzas)
+    fits = header.version == 2 and len(stanza_section(stanzas)) <= header.capacity
+    if fits and header.generation + 2 <= MAX_GENERATION:
+        old_slot = header.slot_bytes()
+        nxt = dataclasses.replace(
+            header, stanzas=stanzas, generation=header.generation + 1, active=1 - header.active, standby=old_slot
+        )
+        nxt = _seal(nxt, file_key)
+        if set(header.stanzas) <= set(stanzas):
+            return nxt  # only additions: the old slot may stay, as the fallback
+        purged = dataclasses.replace(nxt, generation=nxt.generation + 1, active=header.active, standby=nxt.slot_bytes())
+        return _seal(purged, file_key)
+    return _seal(_fresh_region(header, stanzas), file_key)
