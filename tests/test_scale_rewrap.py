@@ -336,3 +336,30 @@ def test_cli_rewrap_many_files_one_bad(
     rc, _, err = cli(capsys, "rewrap", "--remove-key-id", key, "--remove-key-id", new, str(cipher))
     assert rc == 2
     assert "last wrapped key" in err
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_concurrent_rewraps_of_one_file_lose_nothing(cipher: Path, kms: EmbeddedKms, version: int) -> None:
+    """Rewraps of one file are serialised (flock): each reads the header the previous one wrote.
+    From v1, the first one replaces the file (a new inode), so the others re-open the path."""
+    import threading
+
+    if version == 1:
+        as_v1(cipher, kms)
+    keys = [new_key(kms) for _ in range(3)]
+    errors: list[BaseException] = []
+
+    def add(key_id: str) -> None:
+        try:
+            envelope.rewrap_file(cipher, kms=kms, key_ids=[key_id])
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=add, args=(k,)) for k in keys]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    arns = {s.key_arn for s in read_header(cipher).stanzas}
+    assert {kms.service.key_arn(k) for k in keys} <= arns and len(arns) == 4
