@@ -250,27 +250,28 @@ def test_a_loop_of_cli_encrypts_makes_one_generate_data_key(agent: Agent, tmp_pa
     assert len(blobs(outputs)) == n
 
 
-def test_rewrap_through_the_agent(agent: Agent, tmp_path: Path) -> None:
+def test_two_cmks_and_rewrap_through_the_agent(agent: Agent, tmp_path: Path) -> None:
     service = open_service(agent.home, announce=False)
-    second = service.create_key()["KeyMetadata"]["KeyId"]
+    second, third = (service.create_key()["KeyMetadata"]["KeyId"] for _ in range(2))
     service.close()
     files = []
-    for i in range(2):
+    for i in range(3):
         src = tmp_path / f"r{i}.txt"
         src.write_text(f"rewrap me {i}\n")
-        assert agent.run("encrypt", "--key-id", ALIAS, str(src)).returncode == 0
+        r = agent.run("encrypt", "--key-id", ALIAS, "--key-id", second, str(src))
+        assert r.returncode == 0, r.stderr
         files.append(src.with_name(src.name + ".cipher"))
-    r = agent.run("rewrap", "--key-id", second, *map(str, files))
+    assert len(blobs(files)) == 1
+    # The second CMK's wrapping of the shared data key is asked once too.
+    assert agent.status()["kms_calls"] == {"GenerateDataKey": 1, "Encrypt": 1}
+    r = agent.run("rewrap", "--key-id", third, *map(str, files))
     assert r.returncode == 0, r.stderr
-    # The two files share one data key: one Decrypt; each file's new wrapping is its own ReEncrypt.
-    calls = agent.status()["kms_calls"]
-    assert calls["GenerateDataKey"] == 1
-    assert calls["Decrypt"] == 1
-    assert calls["ReEncrypt"] == 2
-    out = tmp_path / "r1.out"
-    r = agent.run("decrypt", "--no-agent", "--key-id", second, str(files[1]), "-o", str(out))
+    # One Decrypt of the shared wrapped key, one ReEncrypt of it to the third CMK, for all files.
+    assert agent.status()["kms_calls"] == {"GenerateDataKey": 1, "Encrypt": 1, "Decrypt": 1, "ReEncrypt": 1}
+    out = tmp_path / "r2.out"
+    r = agent.run("decrypt", "--no-agent", "--key-id", third, str(files[2]), "-o", str(out))
     assert r.returncode == 0, r.stderr
-    assert out.read_text() == "rewrap me 1\n"
+    assert out.read_text() == "rewrap me 2\n"
 
 
 def test_concurrent_misses_coalesce_into_one_kms_call(agent: Agent) -> None:

@@ -46,16 +46,29 @@ def test_refusals_and_bad_contexts_are_never_held(server: AgentServer) -> None:
     assert len(server.store) == 0
 
 
-def test_encrypt_and_reencrypt_pass_through(server: AgentServer) -> None:
+def test_wrapping_answers_are_held_without_the_key(server: AgentServer) -> None:
     made = call(server, "GenerateDataKey", KeyId=ALIAS)["result"]
-    for _ in range(2):
-        wrapped = call(server, "Encrypt", KeyId=ALIAS, Plaintext=made["Plaintext"])
-        assert wrapped["ok"], wrapped
-        moved = call(server, "ReEncrypt", CiphertextBlob=made["CiphertextBlob"], DestinationKeyId=ALIAS)
-        assert moved["ok"], moved
+    wrapped = [call(server, "Encrypt", KeyId=ALIAS, Plaintext=made["Plaintext"]) for _ in range(2)]
+    moved = [call(server, "ReEncrypt", CiphertextBlob=made["CiphertextBlob"], DestinationKeyId=ALIAS) for _ in range(2)]
+    assert all(a["ok"] for a in wrapped + moved)
+    assert wrapped[0]["result"] == wrapped[1]["result"]
+    assert "Plaintext" not in wrapped[1]["result"]
+    assert moved[0]["result"] == moved[1]["result"]
+    assert server.status()["kms_calls"] == {"GenerateDataKey": 1, "Encrypt": 1, "ReEncrypt": 1}
+    # Another plaintext or destination is another request: the KMS answers it.
+    other = call(server, "GenerateDataKey", KeyId=ALIAS, NumberOfBytes="16")["result"]
+    call(server, "Encrypt", KeyId=ALIAS, Plaintext=other["Plaintext"])
+    assert server.status()["kms_calls"]["Encrypt"] == 2
+    # Only the two data keys are held as keys; the Encrypt entries keep a digest, not the key.
+    assert server.status()["keys_held"] == 2
+    assert server.status()["answers_held"] == 5
+    for cache_key in server.store._entries:
+        assert made["Plaintext"] not in repr(cache_key)
+        assert other["Plaintext"] not in repr(cache_key)
     calls = server.status()["kms_calls"]
-    assert calls == {"GenerateDataKey": 1, "Encrypt": 2, "ReEncrypt": 2}
-    assert len(server.store) == 1
+    call(server, "DescribeKey", KeyId=ALIAS)
+    call(server, "DescribeKey", KeyId=ALIAS)
+    assert server.status()["kms_calls"] == {**calls, "DescribeKey": 2}  # metadata: always asked
 
 
 @pytest.mark.parametrize("context", ['{"a":"1","a":"1"}', '{"a":1}', '{"a":{"b":"c"}}', '"a"', "{"])

@@ -78,8 +78,12 @@ MAX_SOCKET_PATH = 107
 
 #: The Actions the agent serves. Everything else (CreateKey, ScheduleKeyDeletion, ...) is refused:
 #: the agent is a cache for the file commands, not a proxy to the KMS.
-CACHED_ACTIONS = frozenset({"GenerateDataKey", "Decrypt"})
-PASSED_ACTIONS = frozenset({"Encrypt", "ReEncrypt", "DescribeKey"})
+#: Answers carrying a data key (held as a zeroable bytearray), answers carrying only a wrapped key
+#: (a second CMK's wrapping of a held data key: held as is), and Actions always passed through.
+KEY_ACTIONS = frozenset({"GenerateDataKey", "Decrypt"})
+WRAP_ACTIONS = frozenset({"Encrypt", "ReEncrypt"})
+PASSED_ACTIONS = frozenset({"DescribeKey"})
+CACHED_ACTIONS = KEY_ACTIONS | WRAP_ACTIONS
 OPS = frozenset({"call", "key_arn", "status", "flush", "stop"})
 
 _LENGTH = struct.Struct(">I")
@@ -219,11 +223,11 @@ class AgentLimits:
 
 
 class _Held:
-    """One unwrapped data key: the KMS's answer without ``Plaintext``, and the key in a bytearray."""
+    """One KMS answer: without ``Plaintext``, and the data key (if it carried one) in a bytearray."""
 
     __slots__ = ("created", "key", "response", "uses")
 
-    def __init__(self, response: dict[str, Any], key: bytearray, created: float) -> None:
+    def __init__(self, response: dict[str, Any], key: bytearray | None, created: float) -> None:
         self.response = response
         self.key = key
         self.created = created
@@ -267,12 +271,20 @@ class KeyStore:
     def buffers(self) -> list[bytearray]:
         """The live key buffers (for tests that check wiping)."""
         with self._lock:
-            return [held.key for held in self._entries.values()]
+            return [held.key for held in self._entries.values() if held.key is not None]
 
-    def _drop(self, key: CacheKey) -> None:
+    def keys_held(self) -> int:
+        with self._lock:
+            return sum(held.key is not None for held in self._entries.values())
+
+    def _drop(self, key: CacheKey) -> int:
+        """Forget ``key``, zeroing its data key; 1 if there was a key to zero, else 0."""
         held = self._entries.pop(key)
+        if held.key is None:
+            return 0
         _wipe(held.key)
         self.wiped += 1
+        return 1
 
     def take(self, key: CacheKey) -> dict[str, Any] | None:
         """The held answer for ``key`` with its ``Plaintext``, counting one use; None if absent or expired."""
@@ -284,22 +296,26 @@ class KeyStore:
                 self._drop(key)
                 return None
             held.uses += 1
-            # The base64 text is an immutable copy: unavoidable, the answer travels as JSON.
-            answer = {**held.response, "Plaintext": base64.b64encode(held.key).decode("ascii")}
+            answer = dict(held.response)
+            if held.key is not None:
+                # The base64 text is an immutable copy: unavoidable, the answer travels as JSON.
+                answer["Plaintext"] = base64.b64encode(held.key).decode("ascii")
             if held.uses >= self.limits.max_uses:
                 self._drop(key)  # used up: the next request asks the KMS for a new key
             return answer
 
-    def put(self, key: CacheKey, response: dict[str, Any], plaintext: bytearray) -> None:
-        """Hold ``plaintext`` (taken over, not copied) for ``key``; this put counts as its first use."""
+    def put(self, key: CacheKey, response: dict[str, Any], plaintext: bytearray | None) -> None:
+        """Hold ``response`` and ``plaintext`` (taken over, not copied) for ``key``; this put counts
+        as its first use."""
         with self._lock:
             if key in self._entries:
                 self._drop(key)
             held = _Held(response, plaintext, self._clock())
             held.uses = 1
             if held.uses >= self.limits.max_uses:
-                _wipe(plaintext)
-                self.wiped += 1
+                if plaintext is not None:
+                    _wipe(plaintext)
+                    self.wiped += 1
                 return
             self._entries[key] = held
             while len(self._entries) > self.limits.max_keys:
@@ -310,17 +326,12 @@ class KeyStore:
         with self._lock:
             now = self._clock()
             old = [k for k, held in self._entries.items() if now - held.created >= self.limits.ttl]
-            for k in old:
-                self._drop(k)
-            return len(old)
+            return sum(self._drop(k) for k in old)
 
     def clear(self) -> int:
-        """Wipe every key; return how many."""
+        """Forget every answer, zeroing every key; return how many keys."""
         with self._lock:
-            n = len(self._entries)
-            for k in list(self._entries):
-                self._drop(k)
-            return n
+            return sum(self._drop(k) for k in list(self._entries))
 
 
 def _flat_pairs(pairs: list[tuple[Any, Any]]) -> dict[str, str]:
@@ -337,15 +348,22 @@ def _cache_key(action: str, params: Mapping[str, str]) -> CacheKey | None:
     repeated keys: such a request always goes to the KMS, which decides, and refusals are not held.
     """
     items = dict(params)
-    text = items.get("EncryptionContext")
-    if text is not None:
+    for name in ("EncryptionContext", "SourceEncryptionContext", "DestinationEncryptionContext"):
+        text = items.get(name)
+        if text is None:
+            continue
         try:
             context = json.loads(text, object_pairs_hook=_flat_pairs)
         except ValueError:
             return None
         if not isinstance(context, dict):
             return None
-        items["EncryptionContext"] = json.dumps(context, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        items[name] = json.dumps(context, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    if "Plaintext" in items:
+        # Encrypt's Plaintext is a data key: the store keeps a digest of it, never the key itself.
+        from kmsenv._crypto import sha256_hex
+
+        items["Plaintext"] = "sha256:" + sha256_hex(items["Plaintext"].encode("utf-8"))
     return (action, tuple(sorted(items.items())))
 
 
@@ -427,6 +445,9 @@ class AgentServer:
                 self._count(self.served, action)
                 return answer
             response = dict(self._kms_call(action, params))
+        if action in WRAP_ACTIONS:
+            self.store.put(key, dict(response), None)
+            return response
         plaintext_text = response.get("Plaintext")
         key_buf = _key_bytes(response)
         self.store.put(key, dict(response), key_buf)
@@ -442,7 +463,8 @@ class AgentServer:
             "kms": self.describe,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
             "limits": {"ttl": self.limits.ttl, "max_uses": self.limits.max_uses, "max_keys": self.limits.max_keys},
-            "keys_held": len(self.store),
+            "keys_held": self.store.keys_held(),
+            "answers_held": len(self.store),
             "keys_wiped": self.store.wiped,
             "kms_calls": calls,
             "served_from_memory": served,
