@@ -6,9 +6,10 @@ in-memory key store with its limits and wiping, the server loop, and :class:`Age
 client the CLI uses when ``KMSENV_AGENT_SOCK`` is set or ``--agent`` is given.
 
 Why it exists: every ``kmsenv encrypt`` process is new, so a shell loop over N files costs N
-``GenerateDataKey`` calls; the agent keeps the answer so the loop costs one. What it holds:
-plaintext *data keys* only (never CMK material, which never leaves the KMS), each until the first
-of its TTL, its use count or ``kmsenv agent stop``/``flush``; then its buffer is zeroed.
+``GenerateDataKey`` calls; the agent keeps the answer so the loop costs one. What it holds: the
+KMS's answers to ``GenerateDataKey``/``Decrypt`` (plaintext *data keys*, never CMK material, which
+never leaves the KMS) and ``Encrypt``/``ReEncrypt`` (wrapped keys only), each until the first of
+its TTL, its use count or ``kmsenv agent stop``/``flush``; then a data key's buffer is zeroed.
 
 Authorization stays with the KMS: the agent answers a ``Decrypt`` from its memory only for the
 exact ``CiphertextBlob`` *and* encryption context the KMS already accepted, and it never caches a
