@@ -233,7 +233,11 @@ class GroupCommit:
 
                     self._pool = ThreadPoolExecutor(self._sync_threads, thread_name_prefix="kmsenv-sync")
                 # Concurrent fsyncs: the journal commits them together instead of one by one.
-                results = list(self._pool.map(_fsync_result, [fd for _, fd in batch]))
+                # One job per thread, not per file: a future per file cost more than its fsync.
+                fds = [fd for _, fd in batch]
+                step = -(-len(fds) // self._sync_threads)
+                parts = self._pool.map(_fsync_results, [fds[i : i + step] for i in range(0, len(fds), step)])
+                results = [result for part in parts for result in part]
             for (ticket, _), synced in zip(batch, results, strict=True):
                 ticket._finish(synced)
 
@@ -246,6 +250,10 @@ class GroupCommit:
             if self._pool is not None:
                 self._pool.shutdown()
                 self._pool = None
+
+
+def _fsync_results(fds: list[int]) -> list[OSError | None]:
+    return [_fsync_result(fd) for fd in fds]
 
 
 def _fsync_result(fd: int) -> OSError | None:
