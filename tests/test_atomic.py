@@ -322,3 +322,25 @@ def test_group_commit_failed_body_defers_nothing(tmp_path: Path, flavour: str) -
     assert tickets == []
     group.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_group_commit_strands_nothing_when_syncing_breaks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected failure of the batch's fsync step links nothing and leaves no waiter hanging."""
+    group = _atomic.GroupCommit()
+    tickets = []
+    for name in ("a", "b"):
+        with group.deferring() as mine, AtomicOutput(tmp_path / name) as f:
+            f.write(b"x")
+        tickets += mine
+
+    def broken(fds: list[int]) -> list[OSError | None]:
+        raise MemoryError
+
+    monkeypatch.setattr(group, "_sync", broken)
+    with pytest.raises(MemoryError):
+        group.flush()
+    for ticket in tickets:
+        with pytest.raises(OutputError, match="fsync did not complete"):
+            ticket.wait()
+    group.close()
+    assert list(tmp_path.iterdir()) == []

@@ -225,21 +225,29 @@ class GroupCommit:
                 batch, self._pending = self._pending, []
             if not batch:
                 return
-            if len(batch) == 1:
-                results = [_fsync_result(batch[0][1])]
-            else:
-                if self._pool is None:
-                    from concurrent.futures import ThreadPoolExecutor
-
-                    self._pool = ThreadPoolExecutor(self._sync_threads, thread_name_prefix="kmsenv-sync")
-                # Concurrent fsyncs: the journal commits them together instead of one by one.
-                # One job per thread, not per file: a future per file cost more than its fsync.
-                fds = [fd for _, fd in batch]
-                step = -(-len(fds) // self._sync_threads)
-                parts = self._pool.map(_fsync_results, [fds[i : i + step] for i in range(0, len(fds), step)])
-                results = [result for part in parts for result in part]
+            try:
+                results = self._sync([fd for _, fd in batch])
+            except BaseException:
+                # Nothing of this batch may be linked unsynced, and no waiter may wait forever.
+                for ticket, _ in batch:
+                    ticket._finish(OSError(errno.EIO, "the batch's fsync did not complete"))
+                raise
             for (ticket, _), synced in zip(batch, results, strict=True):
                 ticket._finish(synced)
+
+    def _sync(self, fds: list[int]) -> list[OSError | None]:
+        """fsync every descriptor; each one's error (or None), in order."""
+        if len(fds) == 1:
+            return [_fsync_result(fds[0])]
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self._sync_threads, thread_name_prefix="kmsenv-sync")
+        # Concurrent fsyncs: the journal commits them together instead of one by one.
+        # One job per thread, not per file: a future per file cost more than its fsync.
+        step = -(-len(fds) // self._sync_threads)
+        parts = self._pool.map(_fsync_results, [fds[i : i + step] for i in range(0, len(fds), step)])
+        return [result for part in parts for result in part]
 
     def close(self) -> None:
         """Finish every pending file, sync the folders, stop the sync threads."""
