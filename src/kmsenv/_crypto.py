@@ -5,19 +5,25 @@ touches a cipher, a MAC or a random-number source directly. ``pycryptodome`` is 
 lazily and only for the AES-EAX of legacy files written by the reference document's sample code,
 which ``cryptography`` does not offer.
 
+Hashes and MACs come from ``cryptography`` too, not from ``hashlib``/``hmac``: those load CPython's
+``_hashlib``, a second OpenSSL beside the one inside ``cryptography``, which alone took 3.7 MiB of a
+``kmsenv encrypt`` process's peak RSS (docs/performance.md, "Peers"). The constant-time comparison
+is ``_operator._compare_digest``, the C function ``hmac.compare_digest`` falls back to when
+``_hashlib`` is absent (the same algorithm as ``_hashlib.compare_digest``).
+
 Authentication failures surface as :class:`kmsenv.errors.IntegrityError` with a caller-chosen,
 generic message: the caller decides what to tell the user, never the primitive.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
+from _operator import _compare_digest
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hmac as _hmac
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -42,6 +48,7 @@ __all__ = [
 
 GCM_NONCE_SIZE = 12
 GCM_TAG_SIZE = 16
+_SHA256 = hashes.SHA256()  # stateless: one instance serves every call
 
 
 def random_bytes(n: int) -> bytes:
@@ -62,24 +69,32 @@ def wipe(buf: bytearray | memoryview) -> None:
 
 def constant_time_eq(a: bytes, b: bytes) -> bool:
     """Compare two byte strings in time that depends only on their lengths."""
-    return hmac.compare_digest(a, b)
+    return _compare_digest(a, b)
 
 
 def sha256(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
+    digest = hashes.Hash(_SHA256)
+    digest.update(data)
+    return digest.finalize()
 
 
 def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    return sha256(data).hex()
+
+
+def _hmac_digest(key: bytes, msg: bytes, algorithm: hashes.HashAlgorithm) -> bytes:
+    mac = _hmac.HMAC(key, algorithm)
+    mac.update(msg)
+    return mac.finalize()
 
 
 def hmac_sha256(key: bytes, msg: bytes) -> bytes:
-    return hmac.new(key, msg, hashlib.sha256).digest()
+    return _hmac_digest(key, msg, _SHA256)
 
 
 def hmac_sha1(key: bytes, msg: bytes) -> bytes:
     """Only for Alibaba's v1 request signatures, which are defined over HMAC-SHA1."""
-    return hmac.new(key, msg, hashlib.sha1).digest()
+    return _hmac_digest(key, msg, hashes.SHA1())  # noqa: S303 - fixed by the Alibaba v1 protocol
 
 
 def hkdf_sha256(ikm: bytes | bytearray, *, salt: bytes, info: bytes, length: int) -> bytes:
@@ -88,7 +103,7 @@ def hkdf_sha256(ikm: bytes | bytearray, *, salt: bytes, info: bytes, length: int
     ``ikm`` may be a ``bytearray`` the caller wipes afterwards: it is read in place, not copied
     into a Python ``bytes`` first (OpenSSL's HMAC state holds its own copy until it is freed).
     """
-    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
+    return HKDF(algorithm=_SHA256, length=length, salt=salt, info=info).derive(ikm)
 
 
 def scrypt(passphrase: bytes, *, salt: bytes, n: int, r: int, p: int, length: int = 32) -> bytes:

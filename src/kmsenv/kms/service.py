@@ -24,7 +24,6 @@ import base64
 import json
 import os
 import re
-import secrets
 import sys
 import threading
 import time
@@ -1127,6 +1126,8 @@ def _bind_root_key(store: Store, root_key: RootKey) -> tuple[bool, str, str]:
         check = tx.meta_get("root_key_check")
         initialized = check is None
         if check is None:
+            import secrets  # here, not at the top: it loads a second OpenSSL (_hashlib) every KMS open would pay for
+
             tx.meta_set("root_key_check", root_key.make_check())
             tx.meta_set("region", os.environ.get(REGION_ENV, DEFAULT_REGION).encode("utf-8"))
             tx.meta_set("account_id", str(secrets.randbelow(9 * 10**15) + 10**15).encode("ascii"))
