@@ -16,7 +16,9 @@ three alike; the median run per (configuration, Action) is reported, with the lo
 the Tea SDK signs them, built by `bench/loadgen.py`'s functions; this file only adds a runner
 that spreads connections over several nodes and runs in its own process (`--loadgen`), so its CPU
 is not the servers'. Printed: requests/s, p50/p99, the ratio of each configuration's requests/s
-to (a)'s, and the targets (c) >= 0.8x (a) and p99 <= 25 ms, as MET/MISSED — never asserted.
+to (a)'s, the server-side CPU per request (the nodes' process trees plus, for PostgreSQL, the
+database server's: a cost a busy machine disturbs far less than requests/s), and the targets
+(c) >= 0.8x (a) and p99 <= 25 ms, as MET/MISSED — never asserted.
 
 PostgreSQL is a throwaway server started for the run (`tests/pg_harness.py`'s `Cluster`, with its
 disk flushes on, as in production; as root it runs as the `postgres` user), or `--pg-url URL` (an
@@ -164,8 +166,10 @@ def drive(spec: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- the servers --
 @contextlib.contextmanager
-def nodes(env: dict[str, str], homes: Sequence[Path], workers: int, store: str, logs: Path) -> Iterator[list[int]]:
-    """Start one ``kmsenv server`` per home (same store); yields their ports; always stops them."""
+def nodes(
+    env: dict[str, str], homes: Sequence[Path], workers: int, store: str, logs: Path
+) -> Iterator[list[tuple[int, int]]]:
+    """Start one ``kmsenv server`` per home (same store); yields their (port, pid); always stops them."""
     with contextlib.ExitStack() as stack:
         ports = []
         for n, home in enumerate(homes):
@@ -177,10 +181,10 @@ def nodes(env: dict[str, str], homes: Sequence[Path], workers: int, store: str, 
             if store:
                 cmd += ["--store", store]
             node_env = {**env, "KMSENV_HOME": str(home)}
-            stack.enter_context(
+            proc = stack.enter_context(
                 bench_server.running(cmd, node_env, logs / f"node{n}.log", f"http://127.0.0.1:{port}/health")
             )
-            ports.append(port)
+            ports.append((port, proc.pid))
         yield ports
 
 
@@ -210,7 +214,8 @@ def start_config(
     per_node = max(1, workers // len(homes))
     spread = ", client-side round robin" if len(homes) > 1 else ""
     print(f"{name}: {len(homes)} node(s) x {per_node} worker(s){spread}", flush=True)
-    ports = stack.enter_context(nodes(env, homes, per_node, store, folder))
+    started = stack.enter_context(nodes(env, homes, per_node, store, folder))
+    ports = [port for port, _ in started]
     targets = [
         {
             "kind": "kmsenv",
@@ -223,11 +228,11 @@ def start_config(
     ]
     base = {"targets": targets, "key_id": key_id, "timeout_s": timeout_s, "concurrency": concurrency}
     blobs = drive({**base, "action": "GenerateDataKey", "count": BLOBS, "warmup": 0, "collect": True})["blobs"]
-    return {**base, "blobs": blobs}
+    return {**base, "blobs": blobs, "pids": [pid for _, pid in started]}
 
 
 def measure(
-    bases: dict[str, dict[str, Any]], *, count: int, repeat: int, concurrency: int
+    bases: dict[str, dict[str, Any]], *, count: int, repeat: int, concurrency: int, db_pid: int | None = None
 ) -> dict[str, list[dict[str, Any]]]:
     """``repeat`` rounds; in each, every (Action, configuration) once, the configurations in a
     rotated order: on a shared machine, load that comes and goes then falls on all of them
@@ -240,15 +245,28 @@ def measure(
             for name in order:
                 job = {**bases[name], "action": action, "count": count}
                 job["warmup"] = min(max(count // 10, concurrency), 200)
+                pids = job.pop("pids")
                 if action != "Decrypt":
                     job.pop("blobs")
+                # CPU per request, of the nodes (process trees) and of the database server: a
+                # measure of cost that a busy machine disturbs far less than requests/s.
+                cpu0 = sum(bench_server.tree_cpu_seconds(pid) for pid in pids)
+                db0 = bench_server.tree_cpu_seconds(db_pid) if db_pid else 0.0
                 run = drive(job)
+                sent = run["ok"] + job["warmup"] + concurrency
+                run["server_cpu_ms_per_request"] = (
+                    (sum(bench_server.tree_cpu_seconds(pid) for pid in pids) - cpu0) * 1000 / sent
+                )
+                if db_pid:
+                    run["db_cpu_ms_per_request"] = (bench_server.tree_cpu_seconds(db_pid) - db0) * 1000 / sent
                 run.pop("blobs")
                 run["loadavg"] = os.getloadavg()
                 runs.setdefault((name, action), []).append(run)
                 print(
                     f"  round {round_ + 1}: {name:<11} {action:<16} {run['rps']:8.0f} req/s  "
-                    f"p99 {run['p99_ms']:6.2f} ms  (load avg {run['loadavg'][0]:.2f})",
+                    f"p99 {run['p99_ms']:6.2f} ms  cpu/req: nodes {run['server_cpu_ms_per_request']:.2f} ms"
+                    f"{', database ' + format(run['db_cpu_ms_per_request'], '.2f') + ' ms' if db_pid else ''}"
+                    f"  (load avg {run['loadavg'][0]:.2f})",
                     flush=True,
                 )
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
@@ -261,13 +279,20 @@ def measure(
 
 def report(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     reference = {r["action"]: r for r in runs["sqlite"]}
-    print(f"\n{'configuration':<12} {'Action':<16} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'x sqlite':>8}")
+    print(
+        f"\n{'configuration':<12} {'Action':<16} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'x sqlite':>8} "
+        f"{'cpu ms/req':>10} {'(db)':>6}"
+    )
     ratios: dict[str, dict[str, float]] = {}
     for name, results in runs.items():
         for r in results:
             ratio = r["rps"] / reference[r["action"]]["rps"]
             ratios.setdefault(name, {})[r["action"]] = ratio
-            print(f"{name:<12} {r['action']:<16} {r['rps']:8.0f} {r['p50_ms']:7.2f} {r['p99_ms']:7.2f} {ratio:8.2f}")
+            db = r.get("db_cpu_ms_per_request", 0.0) if name != "sqlite" else 0.0
+            print(
+                f"{name:<12} {r['action']:<16} {r['rps']:8.0f} {r['p50_ms']:7.2f} {r['p99_ms']:7.2f} {ratio:8.2f} "
+                f"{r['server_cpu_ms_per_request'] + db:10.2f} {db:6.2f}"
+            )
     summary: dict[str, Any] = {"ratio_vs_sqlite": ratios, "targets": {}}
     for r in runs.get("pg-2-nodes", []):
         ratio_met = ratios["pg-2-nodes"][r["action"]] >= TARGET_RATIO
@@ -282,15 +307,17 @@ def report(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def database(url: str | None) -> Iterator[str]:
+def database(url: str | None) -> Iterator[tuple[str, int | None]]:
+    """(URL, the PostgreSQL server's postmaster pid, when it is ours and its CPU can be read)."""
     if url:
-        yield url
+        yield url, None
         return
     from pg_harness import Cluster
 
     cluster = Cluster(durable=True)
     try:
-        yield cluster.create_database()
+        pid = int((cluster.data / "postmaster.pid").read_text().split()[0])
+        yield cluster.create_database(), pid
     finally:
         cluster.stop()
 
@@ -319,13 +346,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="kmsenv-bench-cluster-"))
     results: dict[str, Any] = {"setup": {**opts, "blobs": BLOBS, "machine": bench_server.machine()}}
     try:
-        with database(args.pg_url) as url, contextlib.ExitStack() as stack:
+        with database(args.pg_url) as (url, db_pid), contextlib.ExitStack() as stack:
             start = {"workers": args.workers, "concurrency": args.concurrency, "timeout_s": args.timeout}
             bases = {"sqlite": start_config(stack, "sqlite", work, "", **start)}
             bases["pg-1-node"] = start_config(stack, "pg-1-node", work, url, **start)
             # (c) gets a database of its own beside (b)'s, on the same PostgreSQL server.
             bases["pg-2-nodes"] = start_config(stack, "pg-2-nodes", work, _second_database(url), **start)
-            runs = measure(bases, count=args.count, repeat=args.repeat, concurrency=args.concurrency)
+            runs = measure(bases, count=args.count, repeat=args.repeat, concurrency=args.concurrency, db_pid=db_pid)
         results["runs"] = runs
         results["summary"] = report(runs)
         results["setup"]["loadavg_at_end"] = os.getloadavg()
