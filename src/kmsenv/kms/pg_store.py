@@ -76,6 +76,9 @@ CHANGES_CHANNEL = "kmsenv_changes"
 #: the last proof: a hung or half-open listener connection turns caching off within that time.
 LISTEN_HEARTBEAT_S = 0.2
 LISTEN_TRUST_S = 0.6
+#: Connection failures that mean the database is down: no answer at all (refused, timed out,
+#: reset: no SQLSTATE), starting up or shutting down (57P03), shut down by the operator (57P01).
+_DOWN_STATES = (None, "57P03", "57P01")
 #: pg_advisory_xact_lock id serialising schema creation and migration across nodes ("kmsenv").
 _SCHEMA_LOCK = 0x6B6D73656E76
 
@@ -332,7 +335,11 @@ class _ChangeListener:
                     _log.warning("change listener on %s lost its connection: %s", redact(self._url), exc)
                     self._stop.wait(0.05)
                     continue
-                if not self.down:
+                if exc.sqlstate not in _DOWN_STATES:
+                    # The server answered, and refused this one connection (too many clients, a
+                    # login problem): connections already open may still work, so no fast 503s.
+                    _log.warning("change listener cannot connect to %s: %s", redact(self._url), exc)
+                elif not self.down:
                     _log.warning("the KMS store %s is unreachable: %s", redact(self._url), exc)
                     self.down = True
                 self._stop.wait(0.5)
