@@ -405,3 +405,15 @@ def test_folder_run_syncs_each_output_folder_once(
     assert kinds.count("file") == len(TREE)
     assert kinds.count("dir") == 3  # enc, enc/sub, enc/sub/deeper
     assert kinds[-3:] == ["dir"] * 3
+
+
+def test_plaintext_parent_folders_are_private_too(tmp_path: Path, key: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder created only as the parent of another (no file of its own) is 0700 as well."""
+    src = make_tree(tmp_path / "in", {"only/deeper/still/c.bin": b"c"})
+    rc, _, err = cli(capsys, "encrypt", "-r", str(src), "-o", str(tmp_path / "enc"), "--key-id", key)
+    assert rc == 0, err
+    rc, _, err = cli(capsys, "decrypt", "-r", str(tmp_path / "enc"), "-o", str(tmp_path / "dec"))
+    assert rc == 0, err
+    folders = [tmp_path / "dec", *[p for p in (tmp_path / "dec").rglob("*") if p.is_dir()]]
+    assert len(folders) == 4
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folders} == {0o700}

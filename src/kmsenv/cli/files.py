@@ -597,9 +597,22 @@ class _Landing(dict[str, Any]):
 
 
 def _make_folder(folder: str, *, private: bool) -> None:
-    """Create an output folder (and its parents) if missing; 0700 for plaintext trees."""
+    """Create an output folder (and its parents) if missing; 0700 for plaintext trees.
+
+    Not ``os.makedirs(mode=...)``: it gives the mode to the last folder only, so when workers
+    reach ``a/b/c`` before ``a/b``, ``a/b`` of a plaintext tree would be left world-readable.
+    """
+    mode = 0o700 if private else 0o777
+    if os.path.isdir(folder):
+        return
+    parent = os.path.dirname(folder)
+    if parent and parent != folder:
+        _make_folder(parent, private=private)
     try:
-        os.makedirs(folder, mode=0o700 if private else 0o777, exist_ok=True)
+        os.mkdir(folder, mode)
+    except FileExistsError:
+        if not os.path.isdir(folder):
+            raise OutputError(f"cannot create the output folder {folder}: a file is in the way") from None
     except OSError as exc:
         raise OutputError(f"cannot create the output folder {folder}: {exc.strerror or exc}") from None
 
