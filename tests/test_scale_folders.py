@@ -109,6 +109,7 @@ def test_metadata_lines(tree: Path, tmp_path: Path, key: str, capsys: pytest.Cap
     decrypted = json_lines(out)
     assert len(decrypted) == 5
     assert all(line["decrypted_with"]["key_id"] == key and line["context"] == {"team": "data"} for line in decrypted)
+    assert all(line["output_size"] == Path(line["output"]).stat().st_size for line in decrypted)
 
 
 def test_symlinks_and_loops_are_skipped(

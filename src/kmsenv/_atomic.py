@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import errno
+import io
 import os
 import secrets
 import stat
@@ -340,7 +341,9 @@ class AtomicOutput:
             try:
                 if self.mode is not None:
                     os.fchmod(fd, self.mode)
-                self._file = os.fdopen(fd, "wb")
+                # Not os.fdopen: that also asks whether the file is a terminal (an ioctl per
+                # output, which adds up over thousands of small files).
+                self._file = io.BufferedWriter(io.FileIO(fd, "wb"))
             except OSError as exc:
                 os.close(fd)
                 raise OutputError(f"cannot set up the output {self.path}: {_describe(exc)}") from None

@@ -416,7 +416,7 @@ def _encrypt(args: argparse.Namespace) -> int:
             n = envelope.encrypt_file(src, dst, kms=kms, force=args.force, threads=threads, **options)
             if args.verbose:
                 note(f"{_show(src)} -> {_show(dst)}")
-            return {**facts, "plaintext_size": n, "output_size": _size_of(dst)}
+            return {**facts, "plaintext_size": n, "output_size": None}  # set when it lands
 
         return _run_tree(args, encrypt_one, decrypt=False, cache=options["cache"])
     output = args.output or default_encrypt_output(args.input)
@@ -468,7 +468,7 @@ def _decrypt(args: argparse.Namespace) -> int:
             )
             if args.verbose:
                 note(f"{_show(src)}: {describe_key(result)}")
-            return {**result.as_dict(), "output_size": _size_of(dst)}
+            return {**result.as_dict(), "output_size": None}  # set when it lands
 
         return _run_tree(args, decrypt_one, decrypt=True, cache=unwrap_cache)
     output = args.output or default_decrypt_output(args.input)
