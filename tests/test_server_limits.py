@@ -319,3 +319,15 @@ def test_an_oversized_request_head_is_refused(guarded_server: Server) -> None:
 def test_invalid_connection_settings_are_refused(overrides: dict[str, int], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         ServerConfig.from_env(**overrides)  # type: ignore[arg-type]
+
+
+def test_old_sdk_sees_rejected_throttling_as_a_server_exception(throttled_server: Server) -> None:
+    """aliyunsdkcore reports the code and the 429 status (its retry policy does not retry KMS)."""
+    from test_server_harness import ApiError, Caller
+
+    ak, sk = throttled_server.new_access_key()
+    caller = Caller("old", throttled_server, ak, sk)
+    with pytest.raises(ApiError) as caught:
+        for _ in range(15):
+            caller.call("ListKeys")
+    assert (caught.value.code, caught.value.status) == ("Rejected.Throttling", 429)

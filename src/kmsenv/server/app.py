@@ -489,21 +489,22 @@ class KmsApp:
     def _finish(self, ex: _Exchange) -> None:
         latency_ms = (time.perf_counter() - ex.started) * 1000
         key_id, alias = _audit_subject(ex.params, ex.response)
-        _access.info(
-            json.dumps(
-                {
-                    "request_id": ex.request_id,
-                    "client": ex.client,
-                    "method": ex.method,
-                    "path": ex.path,  # never the query string: v1 requests carry Plaintext and blobs there
-                    "action": (ex.action or "")[:64] or None,
-                    "access_key_id": (ex.access_key_id or "")[:64] or None,
-                    "status": ex.status,
-                    "code": ex.code,
-                    "latency_ms": round(latency_ms, 3),
-                }
+        if _access.isEnabledFor(logging.INFO):  # at --log-level warning, skip building the line
+            _access.info(
+                json.dumps(
+                    {
+                        "request_id": ex.request_id,
+                        "client": ex.client,
+                        "method": ex.method,
+                        "path": ex.path,  # never the query string: v1 requests carry Plaintext and blobs there
+                        "action": (ex.action or "")[:64] or None,
+                        "access_key_id": (ex.access_key_id or "")[:64] or None,
+                        "status": ex.status,
+                        "code": ex.code,
+                        "latency_ms": round(latency_ms, 3),
+                    }
+                )
             )
-        )
         state = self._state
         if state is None or ex.path == "/health":  # probes are logged, not audited: no API request
             return
