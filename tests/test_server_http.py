@@ -127,6 +127,7 @@ def test_connections_spread_over_worker_processes(tmp_path: Path) -> None:
         assert asyncio.run(burst()) == [200] * 32
     finally:
         multi.stop()
+    assert f"listening on 127.0.0.1 port {multi.port}: 2 workers" in multi.log.read_text()
     pids = {
         line.split("kmsenv.server.access[", 1)[1].split("]", 1)[0]
         for line in multi.log.read_text().splitlines()

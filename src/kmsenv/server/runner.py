@@ -123,11 +123,19 @@ def _serve(config: ServerConfig) -> None:
         if not server.started:
             sys.exit(STARTUP_FAILURE)
         return
+    log = logging.getLogger("kmsenv.server")
     try:
         sock = worker_listener(config.host, config.port)
     except OSError as exc:
-        logging.getLogger("kmsenv.server").error("cannot listen on %s:%d: %s", config.host, config.port, exc)
+        log.error("cannot listen on %s:%d: %s", config.host, config.port, exc)
         sys.exit(STARTUP_FAILURE)
+    # uvicorn logs its address from its own bind_socket, which this path replaces.
+    log.info(
+        "listening on %s port %d: %d workers, one SO_REUSEPORT socket each",
+        config.host,
+        sock.getsockname()[1],
+        config.workers,
+    )
     try:
         Multiprocess(uv, sockets=[sock]).run()
     finally:
