@@ -9,19 +9,34 @@ an optional ``kmsenv: hint: ...`` line, and the exit code of its class (see ``km
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
-
-from kmsenv.cli import access, agent, audit, files, kms, server, store
 
 __all__ = ["main"]
 
 PROG = "kmsenv"
 
+#: The command modules of ``kmsenv.cli``, in ``--help`` order.
+_MODULES = ("kms", "files", "access", "server", "audit", "store", "agent")
+#: Which module registers each command.
+_COMMANDS = {
+    "kms": "kms",
+    **dict.fromkeys(("encrypt", "decrypt", "rewrap", "inspect", "migrate"), "files"),
+    "access-key": "access",
+    "server": "server",
+    "audit": "audit",
+    "store": "store",
+    "agent": "agent",
+}
+
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    """The whole command line. The ~25 ``kms`` Action parsers are built only when the command is
-    ``kms`` (they would cost a short command like ``encrypt`` of a small file a third of its time)."""
+    """The command line. A run of a known command imports and builds only its own module's
+    parsers: the others (and their imports, e.g. ``logging``) cost ``kmsenv encrypt`` ~1 MiB of
+    peak RSS (docs/performance.md, "Peers"). ``--help``, no command or an unknown one build them
+    all, so help and "invalid choice" list every command. The ~25 ``kms`` Action parsers are built
+    only when the command is ``kms``."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Alibaba Cloud KMS-compatible key management and envelope encryption of local files.",
@@ -29,13 +44,13 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     words = list(sys.argv[1:] if argv is None else argv)
-    kms.register(sub, with_actions=bool(words) and words[0] == "kms")
-    files.register(sub)
-    access.register(sub)
-    server.register(sub)
-    audit.register(sub)
-    store.register(sub)
-    agent.register(sub)
+    command = words[0] if words else ""
+    for name in (_COMMANDS[command],) if command in _COMMANDS else _MODULES:
+        module = importlib.import_module(f"kmsenv.cli.{name}")
+        if name == "kms":
+            module.register(sub, with_actions=command == "kms")
+        else:
+            module.register(sub)
     return parser
 
 

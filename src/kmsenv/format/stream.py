@@ -7,9 +7,13 @@ This module owns the chunk framing (docs/format.md §7) and the engine that move
   reordered, dropped or duplicated; the flag, set only on the last chunk, stops truncation at a
   chunk boundary and appended chunks (EOF without a final chunk, or bytes after it, fail).
 * Whether a chunk is the last one is only known after trying to read the next, so the reader
-  always looks one record ahead. Nothing ever seeks: ``src`` and ``dst`` may be pipes.
+  always reads one byte past a full record. Nothing ever seeks: ``src`` and ``dst`` may be pipes.
 * Memory is a fixed set of reusable buffers (``readinto``, ``encrypt_into``/``decrypt_into``):
-  no per-chunk allocation and nothing that grows with the file.
+  no per-chunk allocation and nothing that grows with the file. Input needs one record buffer
+  (the look-ahead is one byte, not a record); output needs one in this thread, two with a writer
+  thread. With 1 MiB chunks that is 2 MiB inline and 3 MiB pipelined (it was 4 and 8: each
+  in-flight record had its own input and output buffers; peak RSS matters, docs/performance.md,
+  "Peers").
 * ``threads=1`` runs everything in the calling thread. ``threads>=2`` adds one writer thread:
   the caller reads and seals/opens, the writer writes, in order, through a bounded queue of
   buffers, so the writes (which release the GIL) overlap the reads and the AEAD. More threads are
@@ -39,10 +43,12 @@ CHUNK_TAG_SIZE = GCM_TAG_SIZE
 _COUNTER_SIZE = 11
 _FINAL = b"\x01"
 _NOT_FINAL = b"\x00"
-#: Buffers of the two-thread pipeline: about 4 MiB in flight, at least 4 records (one being read,
-#: the look-ahead, one being written, one queued), at most 16 (small chunks gain nothing more).
-_IN_FLIGHT_BYTES = 4 * 1024 * 1024
-_MIN_SLOTS = 4
+#: Output buffers of the two-thread pipeline: about 2 MiB, at least 2 (one being sealed while the
+#: writer writes the other), and _MAX_SLOTS buffers in all with the one input buffer (small chunks
+#: gain nothing more). On 1 GiB, 2 outputs measured no slower than 3 or the former 4 records
+#: (8 runs each, load 4-7: within the noise; docs/performance.md, "Peers").
+_IN_FLIGHT_BYTES = 2 * 1024 * 1024
+_MIN_SLOTS = 2
 _MAX_SLOTS = 16
 #: Whether decryption with threads>=2 uses the writer pipeline. Off: writing fsync'd output from a
 #: second thread made decryption 2x slower than inline (2.1 s vs 1.0 s per GiB, six runs, low
@@ -64,24 +70,23 @@ def _nonce(counter: int, final: bool) -> bytes:
 
 
 class _Slot:
-    """One record's reusable buffers: what was read, and what the AEAD wrote."""
+    """One reusable record buffer: the reader's input, or an output the AEAD writes into."""
 
-    __slots__ = ("inp", "out")
+    __slots__ = ("buf",)
 
     def __init__(self, size: int) -> None:
-        self.inp = memoryview(bytearray(size))
-        self.out = memoryview(bytearray(size))
+        self.buf = memoryview(bytearray(size))
 
     def grow(self, size: int, keep: int) -> None:
-        """Enlarge both buffers to ``size`` bytes, keeping the first ``keep`` bytes read."""
-        inp = memoryview(bytearray(size))
-        inp[:keep] = self.inp[:keep]
-        self.inp = inp
-        self.out = memoryview(bytearray(size))
+        """Enlarge the buffer to ``size`` bytes, keeping its first ``keep`` bytes."""
+        buf = memoryview(bytearray(size))
+        buf[:keep] = self.buf[:keep]
+        self.buf = buf
 
 
-#: (counter, final, slot, bytes read into slot.inp) -> bytes written into slot.out
-_Job = Callable[[int, bool, _Slot, int], int]
+#: (counter, final, record, output buffer) -> bytes written into the output buffer. The output
+#: buffer is at least ``len(record) + CHUNK_TAG_SIZE`` bytes.
+_Job = Callable[[int, bool, memoryview, memoryview], int]
 
 
 def _fill(src: BinaryIO, view: memoryview) -> int:
@@ -112,42 +117,40 @@ def _write_all(dst: BinaryIO, data: memoryview) -> None:
         data = data[n:]
 
 
-def _read_record(src: BinaryIO, slot: _Slot, size: int, buffer_size: int) -> int:
-    """Read one record of at most ``size`` bytes into ``slot.inp``; return its length.
+def _read_record(src: BinaryIO, slot: _Slot, size: int, have: int) -> int:
+    """Read one record of at most ``size`` bytes into ``slot.buf``, after the ``have`` bytes
+    already at its start; return its length.
 
-    A slot may start smaller than a record (sized to the input the caller expects): if the input
-    fills it, the input is longer than expected, so the slot grows to ``buffer_size`` and the read
-    goes on. Records therefore never depend on the buffer size, only on ``size``.
+    The buffer may start smaller than a record (sized to the input the caller expects): if the
+    input fills it, the input is longer than expected, so it grows to ``size`` and the read goes
+    on. Records therefore never depend on the buffer size, only on ``size``.
     """
-    n = _fill(src, slot.inp[:size])
-    if n == len(slot.inp) < size:
-        slot.grow(buffer_size, n)
-        n += _fill(src, slot.inp[n:size])
+    n = have + _fill(src, slot.buf[have:size])
+    if n == len(slot.buf) < size:
+        slot.grow(size, n)
+        n += _fill(src, slot.buf[n:size])
     return n
 
 
-def _records(
-    src: BinaryIO, size: int, acquire: Callable[[], _Slot], buffer_size: int = 0
-) -> Iterator[tuple[int, bool, _Slot, int]]:
-    """Yield (counter, final, slot, length) for each record of at most ``size`` bytes in ``src``.
+def _records(src: BinaryIO, size: int, slot: _Slot) -> Iterator[tuple[int, bool, memoryview]]:
+    """Yield (counter, final, record) for each record of at most ``size`` bytes in ``src``.
 
-    A full record is final only if nothing follows it, so the next one is read before yielding.
-    Empty input yields one empty final record (an empty plaintext is one empty chunk).
-    ``buffer_size``: what a slot grows to when the input outgrows it (see :func:`_read_record`).
+    Every record is read into ``slot``, so a record is valid only until the next one is asked
+    for. A full record is final only if nothing follows it: one byte is read ahead to know, and
+    it becomes the first byte of the next record (a look-ahead of one byte, not of one record,
+    keeps a single input buffer). Empty input yields one empty final record (an empty plaintext
+    is one empty chunk).
     """
-    buffer_size = buffer_size or size
-    slot = acquire()
-    n = _read_record(src, slot, size, buffer_size)
+    peek = memoryview(bytearray(1))
+    have = 0
     for counter in itertools.count():
-        nxt, m = slot, 0
-        if n == size:
-            nxt = acquire()
-            m = _read_record(src, nxt, size, buffer_size)
-        final = n < size or m == 0
-        yield counter, final, slot, n
+        n = _read_record(src, slot, size, have)
+        final = n < size or _fill(src, peek) == 0
+        yield counter, final, slot.buf[:n]
         if final:
             return
-        slot, n = nxt, m
+        slot.buf[0] = peek[0]  # only now: the caller is done with the record this overwrites
+        have = 1
 
 
 def _pump(
@@ -163,23 +166,25 @@ def _pump(
     """
     if not isinstance(threads, int) or threads < 1:
         raise ValueError("threads must be a positive integer")
-    buffer_size = size + CHUNK_TAG_SIZE
     small = expected is not None and 0 <= expected < size
     if threads == 1 or small:
-        # One record (small input) has nothing for a writer thread to overlap.
-        first = min(buffer_size, expected + 1 + CHUNK_TAG_SIZE) if small and expected is not None else buffer_size
+        # One record (small input) has nothing for a writer thread to overlap. The +1: input of
+        # exactly the expected size leaves the buffer not full, so it is known to have ended.
+        first = expected + 1 if small and expected is not None else size
+        inp, out = _Slot(first), _Slot(first + CHUNK_TAG_SIZE)
         read = written = 0
-        pair = itertools.cycle((_Slot(first), _Slot(first)))
-        for counter, final, slot, n in _records(src, size, pair.__next__, buffer_size):
-            out = job(counter, final, slot, n)
-            _write_all(dst, slot.out[:out])
-            read += n
-            written += out
+        for counter, final, record in _records(src, size, inp):
+            if len(out.buf) < len(record) + CHUNK_TAG_SIZE:
+                out = _Slot(len(inp.buf) + CHUNK_TAG_SIZE)  # the input outgrew the hint
+            n = job(counter, final, record, out.buf)
+            _write_all(dst, out.buf[:n])
+            read += len(record)
+            written += n
         return read, written
-    return _pump_with_writer(src, dst, size, job, buffer_size)
+    return _pump_with_writer(src, dst, size, job)
 
 
-def _pump_with_writer(src: BinaryIO, dst: BinaryIO, size: int, job: _Job, buffer_size: int) -> tuple[int, int]:
+def _pump_with_writer(src: BinaryIO, dst: BinaryIO, size: int, job: _Job) -> tuple[int, int]:
     """The two-thread pipeline: this thread reads and runs ``job``; a writer thread writes.
 
     Why not a pool of AEAD workers: cryptography 48 holds the GIL inside AES-GCM, so AEAD calls on
@@ -187,9 +192,10 @@ def _pump_with_writer(src: BinaryIO, dst: BinaryIO, size: int, job: _Job, buffer
     the GIL, so overlapping the writes with the reads and the AEAD is what uses the second core.
     The writer only ever sees records whose ``job`` returned, i.e. verified plaintext in order.
     """
-    slots = max(_MIN_SLOTS, min(_MAX_SLOTS, _IN_FLIGHT_BYTES // buffer_size))
+    buffer_size = size + CHUNK_TAG_SIZE
+    outputs = max(_MIN_SLOTS, min(_MAX_SLOTS - 1, _IN_FLIGHT_BYTES // buffer_size))
     free: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
-    for _ in range(slots):
+    for _ in range(outputs):
         free.put(_Slot(buffer_size))
     ready: queue.SimpleQueue[tuple[_Slot, int] | None] = queue.SimpleQueue()
     failed: list[BaseException] = []
@@ -201,7 +207,7 @@ def _pump_with_writer(src: BinaryIO, dst: BinaryIO, size: int, job: _Job, buffer
             slot, out = item
             if not failed:
                 try:
-                    _write_all(dst, slot.out[:out])
+                    _write_all(dst, slot.buf[:out])
                     written += out
                 except BaseException as exc:  # handed to the caller's thread below
                     failed.append(exc)
@@ -211,11 +217,12 @@ def _pump_with_writer(src: BinaryIO, dst: BinaryIO, size: int, job: _Job, buffer
     thread.start()
     read = 0
     try:
-        for counter, final, slot, n in _records(src, size, free.get):
+        for counter, final, record in _records(src, size, _Slot(size)):
             if failed:
                 break
-            ready.put((slot, job(counter, final, slot, n)))
-            read += n
+            slot = free.get()  # the writer is done with it: at most one record ahead of the writer
+            ready.put((slot, job(counter, final, record, slot.buf)))
+            read += len(record)
     finally:
         # On a failed chunk, the verified chunks queued before it are still written, then the
         # writer stops: dst holds exactly the plaintext before the first bad chunk.
@@ -255,9 +262,10 @@ def encrypt_stream(
     _check_chunk_size(file_key, chunk_size)
     aead = file_key.aead
 
-    def seal(counter: int, final: bool, slot: _Slot, n: int) -> int:
-        aead.encrypt_into(_nonce(counter, final), slot.inp[:n], None, slot.out[: n + CHUNK_TAG_SIZE])
-        return n + CHUNK_TAG_SIZE
+    def seal(counter: int, final: bool, record: memoryview, out: memoryview) -> int:
+        n = len(record) + CHUNK_TAG_SIZE
+        aead.encrypt_into(_nonce(counter, final), record, None, out[:n])
+        return n
 
     return _pump(src, dst, chunk_size, seal, threads, expected=expected_size)[0]
 
@@ -282,13 +290,14 @@ def decrypt_stream(
     _check_chunk_size(file_key, chunk_size)
     aead = file_key.aead
 
-    def open_(counter: int, final: bool, slot: _Slot, n: int) -> int:
+    def open_(counter: int, final: bool, record: memoryview, out: memoryview) -> int:
         # A record too short for a tag is a truncation; an empty final chunk after other chunks
         # is an encoding the writer never produces (one plaintext, one ciphertext).
-        if n < CHUNK_TAG_SIZE or (final and counter > 0 and n == CHUNK_TAG_SIZE):
+        n = len(record) - CHUNK_TAG_SIZE
+        if n < 0 or (final and counter > 0 and n == 0):
             raise IntegrityError(_PAYLOAD_FAILED)
-        aead.decrypt_into(_nonce(counter, final), slot.inp[:n], None, slot.out[: n - CHUNK_TAG_SIZE], what="payload")
-        return n - CHUNK_TAG_SIZE
+        aead.decrypt_into(_nonce(counter, final), record, None, out[:n], what="payload")
+        return n
 
     threads = threads if _DECRYPT_PIPELINE else _checked(threads)
     return _pump(src, dst, chunk_size + CHUNK_TAG_SIZE, open_, threads, expected=expected_size)[1]
