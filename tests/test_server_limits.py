@@ -331,3 +331,24 @@ def test_old_sdk_sees_rejected_throttling_as_a_server_exception(throttled_server
         for _ in range(15):
             caller.call("ListKeys")
     assert (caught.value.code, caught.value.status) == ("Rejected.Throttling", 429)
+
+
+def test_a_websocket_upgrade_is_not_taken_over(guarded_server: Server) -> None:
+    """An Upgrade request stays an HTTP request (answered by the KMS), not a WebSocket."""
+    upgrade = _Slow(
+        guarded_server,
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    upgrade.sock.settimeout(GUARD_S)
+    received = b""
+    while b"\r\n\r\n" not in received or not received.rstrip().endswith(b"}"):
+        chunk = upgrade.sock.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    upgrade.stopped.set()
+    upgrade.sock.close()
+    # The KMS's own JSON answer to an unsigned request, not 101 Switching Protocols nor the 403
+    # a WebSocket handshake refused by the app would get.
+    assert _error_code(received) == (400, "MissingParameter"), received[:120]

@@ -85,6 +85,9 @@ def uvicorn_config(config: ServerConfig) -> Any:
         APP,
         factory=True,
         http=KmsHttpProtocol,
+        # The KMS API is plain HTTP: an Upgrade request must not hand the connection to a
+        # WebSocket protocol, outside the limits of KmsHttpProtocol.
+        ws="none",
         host=config.host,
         port=config.port,
         workers=config.workers,
