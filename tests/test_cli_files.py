@@ -320,10 +320,17 @@ def test_inspect_needs_no_kms(
     assert facts["plaintext_size"] == len(SALES) * 40
     assert facts["wrapped_keys"][0]["key_arn"].startswith("acs:kms:")
     assert "ciphertext_blob" not in json.dumps(facts)
+    slot = facts["key_slot"]
+    assert (slot["active"], slot["generation"]) == ("A", 1)
+    assert 0 < slot["used"] < slot["capacity"] and slot["free"] == slot["capacity"] - slot["used"]
 
     rc, out, _ = cli(capsys, "inspect", str(cipher))
     assert rc == 0
     assert "format:         kmsenv v2" in out
+    assert (
+        f"key slot:       A (generation 1), {slot['used']} of {slot['capacity']} bytes used, {slot['free']} free: "
+        f"~{slot['more_keys']} more wrapped key(s) fit in place"
+    ) in out
     assert "context:        dept=sales, project=apollo" in out
     assert f"plaintext size: {len(SALES) * 40} bytes" in out
     assert facts["wrapped_keys"][0]["key_arn"] in out

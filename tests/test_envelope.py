@@ -421,6 +421,31 @@ def test_inspect_flags_an_impossible_length(cipher: Path) -> None:
     assert "payload length" in facts["problem"]
 
 
+def test_inspect_shows_the_v2_key_slot_and_the_room_left_in_place(cipher: Path, kms: EmbeddedKms) -> None:
+    first = envelope.inspect_file(cipher)["key_slot"]
+    header = fmt.read_header(io.BytesIO(cipher.read_bytes()))
+    used = len(header.stanza_section())
+    assert first == {
+        "active": "A",
+        "generation": 1,
+        "slot_size": header.slot_size,
+        "capacity": header.capacity,
+        "used": used,
+        "free": header.capacity - used,
+        "more_keys": (header.capacity - used) // (used - 1),
+    }
+    assert first["more_keys"] >= 1  # the writer leaves room for at least one more key
+    other = str(kms.service.create_key()["KeyMetadata"]["KeyId"])
+    assert envelope.rewrap_file(cipher, kms=kms, key_ids=[other]).in_place
+    second = envelope.inspect_file(cipher)["key_slot"]
+    assert (second["active"], second["generation"]) == ("B", 2)  # an addition: the spare slot
+    assert second["capacity"] == first["capacity"] and second["used"] > used
+    assert second["free"] == first["free"] - (second["used"] - used)
+    assert envelope.rewrap_file(cipher, kms=kms, remove_key_ids=[other]).in_place
+    third = envelope.inspect_file(cipher)["key_slot"]
+    assert third["generation"] == 4 and third["used"] == used  # a removal purges the old slot too
+
+
 def test_inspect_needs_no_kms(cipher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fresh_home = tmp_path / "no-kms-here"
     monkeypatch.setenv("KMSENV_HOME", str(fresh_home))

@@ -1223,10 +1223,33 @@ def _v1_facts(header: fmt.Header, file_size: int | None) -> dict[str, Any]:
             for s in header.stanzas
         ],
     }
+    if header.version == 2:
+        facts["key_slot"] = _slot_facts(header)
     if file_size is not None:
         payload = file_size - header.size
         facts.update(file_size=file_size, payload_size=payload, **_plaintext_layout(payload, header.chunk_size))
     return facts
+
+
+def _slot_facts(header: fmt.Header) -> dict[str, Any]:
+    """v2: the slot a reader selects, its generation, and the room a rewrap has in place.
+
+    Both slots have the same capacity, so ``free`` says how much a rewrap can add without
+    rewriting the file; ``more_keys`` turns it into a count of wrapped keys the size of the
+    present ones (their mean, rounded up: ARNs and blobs of other CMKs may differ a little).
+    """
+    used = len(header.stanza_section())
+    free = header.capacity - used
+    typical = -(-(used - 1) // max(1, len(header.stanzas)))  # minus the count byte
+    return {
+        "active": "AB"[header.active],
+        "generation": header.generation,
+        "slot_size": header.slot_size,
+        "capacity": header.capacity,
+        "used": used,
+        "free": free,
+        "more_keys": min(free // max(1, typical), fmt.MAX_STANZAS - len(header.stanzas)),
+    }
 
 
 def _plaintext_layout(payload: int, chunk_size: int) -> dict[str, Any]:
@@ -1262,8 +1285,9 @@ def inspect_file(path: StrPath) -> dict[str, Any]:
     For v1: ``format``, ``format_version``, ``suite``, ``chunk_size``, ``header_size``,
     ``context``, ``wrapped_keys`` (provider, key ARN, key version, blob size — never the blob),
     and for regular files ``file_size``, ``payload_size``, ``chunks`` and ``plaintext_size``
-    computed from the file size (``None`` plus ``problem`` when the length is impossible). For
-    legacy files the same keys where they can be known (the legacy blob names no key outside
+    computed from the file size (``None`` plus ``problem`` when the length is impossible); for
+    v2 also ``key_slot`` (selected slot, generation, capacity, bytes free, wrapped keys that
+    still fit in place). For legacy files the same keys where they can be known (the legacy blob names no key outside
     the KMS). Nothing is authenticated: a modified file can show modified facts.
     """
     with open_input(path) as (fin, st):

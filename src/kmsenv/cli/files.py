@@ -899,6 +899,12 @@ def format_facts(name: str, facts: Mapping[str, Any]) -> str:
         arn = _show(key["key_arn"]) if key["key_arn"] else "(named only inside the blob)"
         version_id = f", version {_show(key['key_version_id'])}" if key["key_version_id"] else ""
         lines.append(f"wrapped key {i}:  {_show(key['provider'])} {arn}{version_id}, blob {key['blob_size']} bytes")
+    slot = facts.get("key_slot")
+    if slot:
+        lines.append(
+            f"key slot:       {slot['active']} (generation {slot['generation']}), {slot['used']} of "
+            f"{slot['capacity']} bytes used, {slot['free']} free: ~{slot['more_keys']} more wrapped key(s) fit in place"
+        )
     lines.append("note:           nothing above is authenticated; only decrypt verifies the file")
     return "\n".join(lines)
 
