@@ -20,6 +20,7 @@ attacker vary bytes a signature or a cache key does not see).
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -247,7 +248,9 @@ class Header:
     def immutable_bytes(self) -> bytes:
         """Magic through context section: every byte before the first slot (v2) or the stanzas (v1)."""
         body = self._immutable_body()
-        total = self.size if self.version == 2 else PREFIX_SIZE + len(body) + len(self.stanza_section()) + TAG_SIZE
+        # Not self.size: that would encode the context a second time.
+        section = 2 * self.slot_size if self.version == 2 else len(self.stanza_section()) + TAG_SIZE
+        total = PREFIX_SIZE + len(body) + section
         prefix = _PREFIX.pack(MAGIC_PREFIX + bytes([self.version]), total, self.suite, chunk_log2(self.chunk_size))
         return b"".join((prefix, self.salt, self.commitment, body))
 
@@ -287,6 +290,30 @@ def stanza_section(stanzas: Sequence[KeyStanza]) -> bytes:
     """The stanza section of ``stanzas``: u8 count, then each stanza (no count limit checked here)."""
     if any(not isinstance(s, KeyStanza) for s in stanzas):
         raise TypeError("stanzas must be KeyStanza objects")
+    if type(stanzas) is tuple and all(map(_plain, stanzas)):
+        return _stanza_section(stanzas)
+    return _stanza_section.__wrapped__(stanzas)
+
+
+def _plain(s: KeyStanza) -> bool:
+    """Whether a stanza's fields are exact str/bytes: they hash and compare by their value alone."""
+    return (
+        type(s.provider) is str
+        and type(s.key_arn) is str
+        and type(s.key_version_id) is str
+        and type(s.ciphertext_blob) is bytes
+    )
+
+
+# Memoised by value: a folder run under one cached data key writes the same stanzas and the same
+# context into every file's header, which is encoded several times per file (validation, the
+# tag, the bytes written). The inputs are immutable and hold nothing secret (a header stores them
+# in the clear); errors are never cached, so a bad value still fails every time.
+_ENCODING_CACHE_SIZE = 32
+
+
+@functools.lru_cache(maxsize=_ENCODING_CACHE_SIZE)
+def _stanza_section(stanzas: Sequence[KeyStanza]) -> bytes:
     return b"".join((bytes([len(stanzas) & 0xFF]), *(_encode_stanza(s) for s in stanzas)))
 
 
@@ -404,9 +431,19 @@ def encode_context(context: Mapping[str, str]) -> bytes:
 
     Also the context's binding into the key derivation (docs/format.md §6).
     """
+    items = tuple(context.items())
+    # Only exact str keys and values are looked up: they hash and compare by their text alone
+    # (anything else is refused below, every time).
+    if all(type(k) is str and type(v) is str for k, v in items):
+        return _encode_items(items)
+    return _encode_items.__wrapped__(items)
+
+
+@functools.lru_cache(maxsize=_ENCODING_CACHE_SIZE)
+def _encode_items(items: tuple[tuple[Any, Any], ...]) -> bytes:
     pairs = sorted(
         (_utf8("context key", k, 1, MAX_CONTEXT_BYTES), _utf8("context value", v, 0, MAX_CONTEXT_BYTES))
-        for k, v in context.items()
+        for k, v in items
     )
     total = sum(len(k) + len(v) for k, v in pairs)
     if total > MAX_CONTEXT_BYTES:
