@@ -110,6 +110,15 @@ def test_crypto_and_the_embedded_kms_load_no_second_openssl() -> None:
     assert out.strip() == "[]"
 
 
+def test_help_builds_every_parser_without_loading_logging() -> None:
+    code = (
+        "import sys; from kmsenv.cli import build_parser; build_parser([]).format_help();"
+        "print('logging' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_every_command_maps_to_the_module_that_registers_it() -> None:
     """A run builds only its command's module, so the map must know every command."""
     import argparse

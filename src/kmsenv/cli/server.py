@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +127,8 @@ def _keep_tcp_nodelay_with_workers() -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import logging  # here: `kmsenv --help` builds this module's parser and need not load logging
+
     from kmsenv.kms.service import default_home, open_service
     from kmsenv.server.app import _configure_logging
     from kmsenv.server.config import ServerConfig, read_config_file
