@@ -55,6 +55,8 @@ FORBIDDEN = {
     "kmsenv.cli.audit",
     "kmsenv.cli.store",
     "kmsenv.cli.agent",
+    # CPython's own OpenSSL binding (hashlib/hmac/secrets): a second OpenSSL beside cryptography's.
+    "_hashlib",
 }
 
 #: Runs the CLI in-process, then prints every loaded module (and its packages) as JSON.

@@ -38,7 +38,6 @@ import contextvars
 import errno
 import io
 import os
-import secrets
 import stat
 import threading
 from collections.abc import Iterator
@@ -375,7 +374,7 @@ class AtomicOutput:
         return fd
 
     def _random_name(self) -> str:
-        return f".{self.path.name}.{secrets.token_hex(8)}{TEMP_SUFFIX}"
+        return f".{self.path.name}.{os.urandom(8).hex()}{TEMP_SUFFIX}"
 
     # ------------------------------------------------------------------------- finish --
     def __exit__(
