@@ -153,22 +153,3 @@ def test_server_runs_with_the_files_settings(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=15)
-
-
-def test_multi_worker_listener_reports_tcp_so_connections_get_nodelay() -> None:
-    """uvicorn's --workers listener must say IPPROTO_TCP, or asyncio leaves Nagle on (40 ms stalls)."""
-    import socket
-
-    from uvicorn.config import Config
-
-    from kmsenv.cli.server import _keep_tcp_nodelay_with_workers
-
-    _keep_tcp_nodelay_with_workers()
-    _keep_tcp_nodelay_with_workers()  # idempotent: patched once
-    sock = Config("kmsenv.server.app:create_app", host="127.0.0.1", port=0, log_level="error").bind_socket()
-    try:
-        assert sock.proto == socket.IPPROTO_TCP
-        assert sock.get_inheritable()
-        assert sock.getsockname()[0] == "127.0.0.1"
-    finally:
-        sock.close()

@@ -95,37 +95,6 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _keep_tcp_nodelay_with_workers() -> None:
-    """Make uvicorn's multi-worker listener report ``IPPROTO_TCP``, so connections get TCP_NODELAY.
-
-    With ``--workers N`` uvicorn binds the listening socket itself (``Config.bind_socket``) with
-    ``proto`` left at 0; accepted sockets inherit it, and asyncio only sets TCP_NODELAY on sockets
-    that say ``IPPROTO_TCP``. Nagle's algorithm then holds each response body (uvicorn writes the
-    head and the body separately) until the client's delayed ACK: ~40 ms on every keep-alive
-    request after the first, on Linux (uvicorn issue #3149; measured by bench/bench_server.py:
-    23 requests/s at concurrency 1 with 2 workers against ~900 with 1). The single-worker path is
-    unaffected. Re-wrapping the bound descriptor with an explicit protocol is all it takes; the
-    socket reaches the workers by pickling, which keeps ``proto``.
-    """
-    import socket
-
-    from uvicorn.config import Config
-
-    original = Config.bind_socket
-    if getattr(original, "_kmsenv_nodelay", False):
-        return
-
-    def bind_socket(self: Config) -> socket.socket:
-        sock = original(self)
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.proto != socket.IPPROTO_TCP:
-            sock = socket.socket(sock.family, sock.type, socket.IPPROTO_TCP, fileno=sock.detach())
-            sock.set_inheritable(True)
-        return sock
-
-    bind_socket._kmsenv_nodelay = True  # type: ignore[attr-defined]
-    Config.bind_socket = bind_socket  # type: ignore[method-assign]
-
-
 def _serve(args: argparse.Namespace) -> int:
     import logging  # here: `kmsenv --help` builds this module's parser and need not load logging
 
