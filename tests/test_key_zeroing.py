@@ -1,10 +1,12 @@
 """Plaintext key buffers are zeroed where Python allows (docs/security.md, "Plaintext key buffers"):
 the agent's held data keys on expiry, use-up, eviction, flush and stop; ``_crypto.wipe`` itself;
-and the primitives accept a bytearray key the caller wipes afterwards."""
+the primitives accept a bytearray key the caller wipes afterwards; and a file operation's data key
+and derived file keys are zeroed when it ends (encrypt, decrypt, rewrap, failures)."""
 
 from __future__ import annotations
 
 import base64
+import io
 import threading
 from pathlib import Path
 from typing import Any
@@ -12,9 +14,11 @@ from typing import Any
 import pytest
 
 from files_helpers import ALIAS
-from kmsenv import _crypto
+from kmsenv import _crypto, envelope
+from kmsenv import format as fmt
 from kmsenv._agent import AgentKms, AgentLimits, AgentServer
 from kmsenv.clients import EmbeddedKms
+from kmsenv.errors import IntegrityError
 
 CONTEXT = '{"project":"apollo"}'
 
@@ -164,3 +168,121 @@ def test_primitives_take_a_bytearray_key_that_is_wiped_afterwards() -> None:
     assert aead.encrypt(nonce, b"data") == _crypto.AesGcm(raw).encrypt(nonce, b"data")
     with pytest.raises(ValueError):
         _crypto.AesGcm(bytearray(31))
+
+
+# ------------------------------------------------------------------- the file layers --
+# Each test keeps references to the very buffers the operation used: the data key the KMS
+# client returned (a bytearray from kmsenv's own clients) and every buffer HKDF derived a file
+# key into (payload key, commitment, header MAC key). After the operation all must be zeros.
+
+
+class Recorder:
+    """Wraps the wipeable KMS calls and the KDF so a test sees the buffers a file operation used."""
+
+    def __init__(self, kms: EmbeddedKms, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.data_keys: list[bytearray] = []
+        self.derived: list[bytearray] = []
+        self.file_keys: list[Any] = []
+        generate, unwrap = kms._generate_wipeable, kms._decrypt_wipeable
+        derive = _crypto.hkdf_sha256_into
+
+        def recorded_generate(*args: Any, **kwargs: Any) -> Any:
+            made = generate(*args, **kwargs)
+            self.data_keys.append(made.plaintext)
+            return made
+
+        def recorded_unwrap(*args: Any, **kwargs: Any) -> Any:
+            got = unwrap(*args, **kwargs)
+            self.data_keys.append(got.plaintext)
+            return got
+
+        def recorded_derive(ikm: Any, *, salt: bytes, info: bytes, out: bytearray) -> None:
+            derive(ikm, salt=salt, info=info, out=out)
+            self.derived.append(out)
+
+        monkeypatch.setattr(kms, "_generate_wipeable", recorded_generate)
+        monkeypatch.setattr(kms, "_decrypt_wipeable", recorded_unwrap)
+        monkeypatch.setattr(_crypto, "hkdf_sha256_into", recorded_derive)
+        new_header, open_header = fmt.new_header, fmt.open_header
+
+        def recorded_new(*args: Any, **kwargs: Any) -> Any:
+            header, file_key = new_header(*args, **kwargs)
+            self.file_keys.append(file_key)
+            return header, file_key
+
+        def recorded_open(*args: Any, **kwargs: Any) -> Any:
+            file_key = open_header(*args, **kwargs)
+            self.file_keys.append(file_key)
+            return file_key
+
+        monkeypatch.setattr(fmt, "new_header", recorded_new)
+        monkeypatch.setattr(fmt, "open_header", recorded_open)
+
+    def assert_all_zeroed(self, *, data_keys: int, file_keys: int) -> None:
+        assert len(self.data_keys) == data_keys
+        assert all(isinstance(b, bytearray) and zeroed(b) for b in self.data_keys)
+        assert len(self.derived) == 3 * file_keys  # payload key, commitment, header MAC key per file
+        assert all(zeroed(b) for b in self.derived)
+        assert len(self.file_keys) == file_keys
+        for file_key in self.file_keys:
+            assert file_key.wiped
+            with pytest.raises(ValueError, match="wiped"):
+                file_key.aead  # noqa: B018 - the property refuses a wiped key
+
+
+@pytest.mark.parametrize("threads", [None, 1, 2])
+def test_encrypt_and_decrypt_of_a_file_zero_the_data_key_and_the_file_keys(
+    kms: EmbeddedKms, key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int | None
+) -> None:
+    plain, cipher, out = tmp_path / "p", tmp_path / "c", tmp_path / "o"
+    plain.write_bytes(_crypto.random_bytes(3 * 4096 + 5))
+    rec = Recorder(kms, monkeypatch)
+    envelope.encrypt_file(plain, cipher, kms=kms, key_id=ALIAS, chunk_size=4096, threads=threads)
+    rec.assert_all_zeroed(data_keys=1, file_keys=1)
+    envelope.decrypt_file(cipher, out, kms=kms, threads=threads)
+    rec.assert_all_zeroed(data_keys=2, file_keys=2)
+    assert out.read_bytes() == plain.read_bytes()  # the keys were wiped after, not before, their use
+
+
+def test_streams_several_keys_and_rewrap_zero_their_keys_too(
+    kms: EmbeddedKms, key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = str(kms.service.create_key()["KeyMetadata"]["KeyId"])
+    cipher = tmp_path / "c"
+    rec = Recorder(kms, monkeypatch)
+    with cipher.open("wb") as dst:
+        envelope.encrypt_stream(io.BytesIO(b"secret" * 1000), dst, kms=kms, key_id=[ALIAS, other])
+    rec.assert_all_zeroed(data_keys=1, file_keys=1)  # Encrypt under the second CMK reused the same key
+    sink = io.BytesIO()
+    with cipher.open("rb") as src:
+        envelope.decrypt_stream(src, sink, kms=kms)
+    assert sink.getvalue() == b"secret" * 1000
+    rec.assert_all_zeroed(data_keys=2, file_keys=2)
+    envelope.rewrap_file(cipher, kms=kms, remove_key_ids=[other])
+    rec.assert_all_zeroed(data_keys=3, file_keys=3)
+
+
+def test_a_failed_decrypt_zeroes_what_it_unwrapped(
+    kms: EmbeddedKms, key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain, cipher = tmp_path / "p", tmp_path / "c"
+    plain.write_bytes(b"x" * 100)
+    envelope.encrypt_file(plain, cipher, kms=kms, key_id=ALIAS)
+    data = bytearray(cipher.read_bytes())
+    data[15] ^= 1  # the salt (after magic, length, suite, chunk size): the key unwraps, the header fails
+    cipher.write_bytes(bytes(data))
+    rec = Recorder(kms, monkeypatch)
+    with pytest.raises(IntegrityError):
+        envelope.decrypt_file(cipher, tmp_path / "o", kms=kms)
+    assert len(rec.data_keys) == 1 and zeroed(rec.data_keys[0])
+    assert len(rec.derived) == 3 and all(zeroed(b) for b in rec.derived)
+
+
+def test_the_public_kms_calls_still_return_bytes(kms: EmbeddedKms, key: str) -> None:
+    made = kms.generate_data_key(ALIAS, encryption_context={})
+    assert type(made.plaintext) is bytes and len(made.plaintext) == 32
+    assert hash(made.plaintext) == hash(
+        kms.decrypt_data_key(made.wrapped.ciphertext_blob, encryption_context={}).plaintext
+    )
+    made.wipe()  # bytes cannot be wiped: left as they are, no error
+    assert made.plaintext != bytes(32)

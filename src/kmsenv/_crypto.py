@@ -37,6 +37,7 @@ __all__ = [
     "eax_decrypt",
     "eax_encrypt",
     "hkdf_sha256",
+    "hkdf_sha256_into",
     "hmac_sha1",
     "hmac_sha256",
     "random_bytes",
@@ -82,13 +83,13 @@ def sha256_hex(data: bytes) -> str:
     return sha256(data).hex()
 
 
-def _hmac_digest(key: bytes, msg: bytes, algorithm: hashes.HashAlgorithm) -> bytes:
+def _hmac_digest(key: bytes | bytearray, msg: bytes, algorithm: hashes.HashAlgorithm) -> bytes:
     mac = _hmac.HMAC(key, algorithm)
     mac.update(msg)
     return mac.finalize()
 
 
-def hmac_sha256(key: bytes, msg: bytes) -> bytes:
+def hmac_sha256(key: bytes | bytearray, msg: bytes) -> bytes:
     return _hmac_digest(key, msg, _SHA256)
 
 
@@ -104,6 +105,15 @@ def hkdf_sha256(ikm: bytes | bytearray, *, salt: bytes, info: bytes, length: int
     into a Python ``bytes`` first (OpenSSL's HMAC state holds its own copy until it is freed).
     """
     return HKDF(algorithm=_SHA256, length=length, salt=salt, info=info).derive(ikm)
+
+
+def hkdf_sha256_into(ikm: bytes | bytearray, *, salt: bytes, info: bytes, out: bytearray) -> None:
+    """HKDF-SHA256 writing ``len(out)`` bytes into ``out``: a derived key the caller can wipe.
+
+    :func:`hkdf_sha256` returns immutable ``bytes``; this writes into the caller's buffer instead,
+    so no copy of the derived key is left in a Python object kmsenv cannot overwrite.
+    """
+    HKDF(algorithm=_SHA256, length=len(out), salt=salt, info=info).derive_into(ikm, out)
 
 
 def scrypt(passphrase: bytes, *, salt: bytes, n: int, r: int, p: int, length: int = 32) -> bytes:

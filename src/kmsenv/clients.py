@@ -43,27 +43,54 @@ class WrappedKey:
     ciphertext_blob: str
 
 
+def _wipe(buf: bytes | bytearray) -> None:
+    """Zero ``buf`` in place if it is mutable (``bytes`` cannot be: a caller's own Kms may return them).
+
+    Written here rather than imported from ``kmsenv._crypto``: this module must stay importable
+    without ``cryptography`` (the CLI imports it before it knows it needs a cipher).
+    """
+    if isinstance(buf, bytearray):
+        buf[:] = bytes(len(buf))
+
+
 @dataclass(frozen=True, slots=True)
 class DataKey:
-    """A fresh data key: its plaintext (never shown in repr) and its wrapped form."""
+    """A fresh data key: its plaintext (never shown in repr) and its wrapped form.
+
+    ``plaintext`` is ``bytes`` from the public ``Kms`` methods. The file commands get theirs
+    from kmsenv's own clients in a ``bytearray`` instead (:func:`generate_wipeable`), so that
+    :meth:`wipe` can zero it once the file's keys are derived; ``wipe`` leaves ``bytes`` alone.
+    """
 
     wrapped: WrappedKey
-    plaintext: bytes = field(repr=False)
+    plaintext: bytes | bytearray = field(repr=False)
 
     def __reduce__(self) -> tuple[Any, ...]:
         raise TypeError("DataKey holds key material and cannot be pickled")
 
+    def wipe(self) -> None:
+        """Overwrite the plaintext with zeros, in place, if it is a ``bytearray``."""
+        _wipe(self.plaintext)
+
 
 @dataclass(frozen=True, slots=True)
 class UnwrappedKey:
-    """The result of unwrapping a blob: which CMK version did it, and the key (never in repr)."""
+    """The result of unwrapping a blob: which CMK version did it, and the key (never in repr).
+
+    ``plaintext`` is ``bytes`` from the public methods, a ``bytearray`` that :meth:`wipe` zeroes
+    from :func:`decrypt_wipeable` (see :class:`DataKey`).
+    """
 
     key_id: str
     key_version_id: str
-    plaintext: bytes = field(repr=False)
+    plaintext: bytes | bytearray = field(repr=False)
 
     def __reduce__(self) -> tuple[Any, ...]:
         raise TypeError("UnwrappedKey holds key material and cannot be pickled")
+
+    def wipe(self) -> None:
+        """Overwrite the plaintext with zeros, in place, if it is a ``bytearray``."""
+        _wipe(self.plaintext)
 
 
 @runtime_checkable
@@ -74,7 +101,10 @@ class Kms(Protocol):
     - ``key_id`` accepts a key id, key ARN, alias name (``alias/...``) or alias ARN;
     - ``encryption_context`` is bound to the blob and must be given again, equal as a map, to unwrap;
       an empty mapping means no context;
-    - failures raise :class:`kmsenv.errors.KmsError` carrying the Alibaba error code.
+    - failures raise :class:`kmsenv.errors.KmsError` carrying the Alibaba error code;
+    - a returned :class:`DataKey`/:class:`UnwrappedKey` is the caller's: if its plaintext is a
+      ``bytearray`` the file commands zero it once the file's keys are derived, so an
+      implementation returns a fresh buffer each time (kmsenv's own return ``bytes``).
     """
 
     @property
@@ -102,10 +132,13 @@ class Kms(Protocol):
     ) -> WrappedKey: ...
 
 
-def _b64_data_key(text: str) -> bytes:
-    """Decode the base64 ``Plaintext`` a KMS returned for a data key."""
+def _b64_data_key(text: str) -> bytearray:
+    """Decode the base64 ``Plaintext`` a KMS returned for a data key, into a wipeable buffer.
+
+    (The ``bytes`` that ``b64decode`` returns is freed at once, but not zeroed: docs/security.md.)
+    """
     try:
-        return base64.b64decode(text, validate=True)
+        return bytearray(base64.b64decode(text, validate=True))
     except (binascii.Error, ValueError):
         raise KmsError(
             "InvalidCiphertext", "The CiphertextBlob does not hold a data key (its plaintext is not base64)."
@@ -143,18 +176,36 @@ class _ActionKms:
     def generate_data_key(
         self, key_id: str, *, encryption_context: Mapping[str, str], number_of_bytes: int = 32
     ) -> DataKey:
+        made = self._generate_wipeable(key_id, encryption_context=encryption_context, number_of_bytes=number_of_bytes)
+        try:
+            return DataKey(made.wrapped, bytes(made.plaintext))  # the public API returns bytes
+        finally:
+            made.wipe()
+
+    def decrypt_data_key(self, ciphertext_blob: str, *, encryption_context: Mapping[str, str]) -> UnwrappedKey:
+        got = self._decrypt_wipeable(ciphertext_blob, encryption_context=encryption_context)
+        try:
+            return UnwrappedKey(got.key_id, got.key_version_id, bytes(got.plaintext))
+        finally:
+            got.wipe()
+
+    def _generate_wipeable(
+        self, key_id: str, *, encryption_context: Mapping[str, str], number_of_bytes: int = 32
+    ) -> DataKey:
+        """:meth:`generate_data_key` with the plaintext in a ``bytearray`` the caller wipes."""
         r = self.call(
             "GenerateDataKey",
             {"KeyId": key_id, "NumberOfBytes": str(number_of_bytes), **_context_param(encryption_context)},
         )
         return DataKey(self._wrapped(r), _b64_data_key(r["Plaintext"]))
 
-    def decrypt_data_key(self, ciphertext_blob: str, *, encryption_context: Mapping[str, str]) -> UnwrappedKey:
+    def _decrypt_wipeable(self, ciphertext_blob: str, *, encryption_context: Mapping[str, str]) -> UnwrappedKey:
+        """:meth:`decrypt_data_key` with the plaintext in a ``bytearray`` the caller wipes."""
         r = self.call("Decrypt", {"CiphertextBlob": ciphertext_blob, **_context_param(encryption_context)})
         return UnwrappedKey(r["KeyId"], r["KeyVersionId"], _b64_data_key(r["Plaintext"]))
 
     def encrypt_data_key(
-        self, key_id: str, plaintext: bytes, *, encryption_context: Mapping[str, str]
+        self, key_id: str, plaintext: bytes | bytearray, *, encryption_context: Mapping[str, str]
     ) -> WrappedKey:
         params = {"KeyId": key_id, "Plaintext": base64.b64encode(plaintext).decode("ascii")}
         return self._wrapped(self.call("Encrypt", {**params, **_context_param(encryption_context)}))
@@ -175,6 +226,23 @@ class _ActionKms:
         if destination:
             params["DestinationEncryptionContext"] = destination["EncryptionContext"]
         return self._wrapped(self.call("ReEncrypt", params))
+
+
+def generate_wipeable(
+    kms: Kms, key_id: str, *, encryption_context: Mapping[str, str], number_of_bytes: int = 32
+) -> DataKey:
+    """``kms.generate_data_key``, with the plaintext in a ``bytearray`` (that the caller then owns
+    and wipes) when ``kms`` is one of kmsenv's own clients; another ``Kms`` answers as it does."""
+    if isinstance(kms, _ActionKms):
+        return kms._generate_wipeable(key_id, encryption_context=encryption_context, number_of_bytes=number_of_bytes)
+    return kms.generate_data_key(key_id, encryption_context=encryption_context, number_of_bytes=number_of_bytes)
+
+
+def decrypt_wipeable(kms: Kms, ciphertext_blob: str, *, encryption_context: Mapping[str, str]) -> UnwrappedKey:
+    """``kms.decrypt_data_key``, with a wipeable plaintext from kmsenv's own clients (see above)."""
+    if isinstance(kms, _ActionKms):
+        return kms._decrypt_wipeable(ciphertext_blob, encryption_context=encryption_context)
+    return kms.decrypt_data_key(ciphertext_blob, encryption_context=encryption_context)
 
 
 class EmbeddedKms(_ActionKms):

@@ -34,10 +34,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from kmsenv import _crypto
 from kmsenv import format as fmt
 from kmsenv._atomic import PRIVATE_MODE, AtomicOutput, same_file
 from kmsenv._cache import DataKeyCache, Lease
-from kmsenv.clients import Kms, UnwrappedKey, WrappedKey
+from kmsenv.clients import Kms, UnwrappedKey, WrappedKey, decrypt_wipeable, generate_wipeable
 from kmsenv.errors import (
     ConfigError,
     ContextError,
@@ -293,13 +294,36 @@ def _stanza(kms: Kms, wrapped: WrappedKey) -> fmt.KeyStanza:
 
 def _generate(
     kms: Kms, key_ids: tuple[str, ...], context: Mapping[str, str]
-) -> tuple[bytes, tuple[fmt.KeyStanza, ...]]:
+) -> tuple[bytes | bytearray, tuple[fmt.KeyStanza, ...]]:
     """GenerateDataKey under the first CMK, Encrypt of the same data key under each other one."""
-    data_key = kms.generate_data_key(key_ids[0], encryption_context=context, number_of_bytes=fmt.DATA_KEY_SIZE)
-    stanzas = [_stanza(kms, data_key.wrapped)]
-    for other in key_ids[1:]:
-        stanzas.append(_stanza(kms, kms.encrypt_data_key(other, data_key.plaintext, encryption_context=context)))
+    data_key = generate_wipeable(kms, key_ids[0], encryption_context=context, number_of_bytes=fmt.DATA_KEY_SIZE)
+    try:
+        stanzas = [_stanza(kms, data_key.wrapped)]
+        for other in key_ids[1:]:
+            # bytes(): the protocol takes bytes; this copy lives for the call (it is base64 text next).
+            wrapped = kms.encrypt_data_key(other, bytes(data_key.plaintext), encryption_context=context)
+            stanzas.append(_stanza(kms, wrapped))
+    except BaseException:
+        data_key.wipe()
+        raise
     return data_key.plaintext, tuple(stanzas)
+
+
+def _generate_for_cache(
+    kms: Kms, key_ids: tuple[str, ...], context: Mapping[str, str]
+) -> tuple[bytes, tuple[fmt.KeyStanza, ...]]:
+    """:func:`_generate` for the data-key cache, which keeps keys as ``bytes`` (it cannot wipe them)."""
+    plaintext, stanzas = _generate(kms, key_ids, context)
+    try:
+        return bytes(plaintext), stanzas
+    finally:
+        _wipe_key(plaintext)
+
+
+def _wipe_key(key: bytes | bytearray) -> None:
+    """Zero a data key this operation owns, if it is mutable (kmsenv's clients return bytearrays)."""
+    if isinstance(key, bytearray):
+        _crypto.wipe(key)
 
 
 def _new_file_key(
@@ -321,16 +345,18 @@ def _new_file_key(
         plaintext, stanzas = _generate(kms, key_ids, context)
     else:
         cache_key = (id(kms), kms.provider_id, key_ids, tuple(sorted(context.items())))
-        lease = cache.acquire(cache_key, lambda: _generate(kms, key_ids, context), owner=kms, size_hint=size_hint)
+        lease = cache.acquire(
+            cache_key, lambda: _generate_for_cache(kms, key_ids, context), owner=kms, size_hint=size_hint
+        )
         plaintext, stanzas = lease.data_key, lease.stanzas
     try:
         header, file_key = fmt.new_header(plaintext, stanzas=stanzas, context=context, chunk_size=chunk_size)
         return header, file_key, lease
     finally:
-        # The plaintext data key is immutable bytes (that is what the Kms protocol returns), so it
-        # cannot be zeroed; dropping our reference as soon as the FileKey exists is what Python
-        # allows. From here on only derived keys exist (and the cache's copy, within its limits).
-        del plaintext
+        # From here on only the derived keys are needed: a data key of our own is zeroed now
+        # (the cache's copy is the cache's, within its limits; docs/security.md).
+        if lease is None:
+            _wipe_key(plaintext)
 
 
 def _unwrap_blob(kms: Kms, blob: str, context: Mapping[str, str], cache: DataKeyCache | None = None) -> UnwrappedKey:
@@ -346,7 +372,7 @@ def _unwrap_blob(kms: Kms, blob: str, context: Mapping[str, str], cache: DataKey
         cache_key = ("unwrap", id(kms), kms.provider_id, blob, tuple(sorted(context.items())))
         return cache.unwrap(cache_key, lambda: _unwrap_blob(kms, blob, context), owner=kms)
     try:
-        return kms.decrypt_data_key(blob, encryption_context=context)
+        return decrypt_wipeable(kms, blob, encryption_context=context)
     except KmsError as exc:
         if exc.code != "InvalidCiphertext":
             raise
@@ -448,7 +474,11 @@ def _unwrap(
             mismatch = IntegrityError("a wrapped key is not under the key its header names", hint=_MODIFIED_HINT)
             failures.append((StanzaOutcome(i + 1, stanza.provider, stanza.key_arn, "KeyMismatch"), mismatch))
             continue
-        file_key = fmt.open_header(header, unwrapped.plaintext)
+        try:
+            file_key = fmt.open_header(header, unwrapped.plaintext)
+        finally:
+            if cache is None:  # a cached answer stays the cache's until its limits drop it
+                unwrapped.wipe()
         tried = [o for o, _ in failures] + [StanzaOutcome(i + 1, stanza.provider, stanza.key_arn, "ok")]
         rest = order[order.index(i) + 1 :]
         tried += [StanzaOutcome(j + 1, header.stanzas[j].provider, header.stanzas[j].key_arn, "NotTried") for j in rest]
@@ -494,7 +524,10 @@ def _open_legacy(kms: Kms, parsed: legacy.LegacyFile) -> tuple[bytes, str]:
     Returns the plaintext and the id of the CMK that wrapped its data key.
     """
     unwrapped = _unwrap_blob(kms, parsed.ciphertext_blob, {})
-    return legacy.open_legacy(parsed, unwrapped.plaintext), unwrapped.key_id
+    try:
+        return legacy.open_legacy(parsed, bytes(unwrapped.plaintext)), unwrapped.key_id
+    finally:
+        unwrapped.wipe()
 
 
 # ---------------------------------------------------------------------------- streams --
@@ -546,7 +579,7 @@ def _encrypt(
     """Header, then the payload: streamed, or (``positional``: ``src`` and ``dst`` are regular
     files and ``src`` holds exactly ``size_hint`` bytes) in chunk ranges on ``threads`` threads."""
     header, file_key, lease = _new_file_key(kms, key_ids, ctx, chunk_size=chunk_size, cache=cache, size_hint=size_hint)
-    with _os_errors():
+    with file_key, _os_errors():  # the file's keys are wiped when it is done, or failed
         dst.write(header.encode())
         if positional:
             dst.flush()  # the chunks go round the buffer, by pwrite at their offsets
@@ -648,7 +681,7 @@ def decrypt_stream_result(
     head, src = _sniff(src)
     if fmt.looks_like_v1(head) or head.startswith(MAGIC_PREFIX):
         header, opened = _open_v1(src, kms, required, names, discovery, cache=cache)
-        with _os_errors():
+        with opened.file_key, _os_errors():
             size = fmt.decrypt_stream(
                 src, dst, opened.file_key, chunk_size=header.chunk_size, threads=threads, expected_size=_remaining(src)
             )
@@ -659,7 +692,11 @@ def decrypt_stream_result(
         unwrapped = _unwrap_blob(kms, parsed.ciphertext_blob, {}, cache)
         if named and not discovery and unwrapped.key_id not in named:
             raise ConfigError("the legacy file's data key is not under a key id you named", hint=_DISCOVERY_HINT)
-        plaintext = legacy.open_legacy(parsed, unwrapped.plaintext)
+        try:
+            plaintext = legacy.open_legacy(parsed, bytes(unwrapped.plaintext))
+        finally:
+            if cache is None:
+                unwrapped.wipe()
         with _os_errors():
             dst.write(plaintext)
         return DecryptResult(len(plaintext), legacy.LEGACY_FORMAT, {}, unwrapped.key_id, unwrapped.key_version_id)
@@ -821,7 +858,7 @@ def decrypt_file_result(
             # The size alone says where every chunk is, and whether the file was truncated or
             # extended (IntegrityError here, before any chunk is read).
             layout = Layout.of_file(header.size, header.chunk_size, st.st_size)
-            with _os_errors():
+            with opened.file_key, _os_errors():
                 decrypt_ranges(fin.fileno(), out.fileno(), opened.file_key, layout, threads=threads or 1)
             return _v1_result(layout.plaintext_size, header, opened)
         return decrypt_stream_result(
@@ -1082,6 +1119,8 @@ def rewrap_file(
             rewrapped = fmt.rewrap_header(header, opened.file_key, stanzas)
         except FormatError as exc:  # over 64 wrapped keys or 64 KiB of header
             raise UsageError(exc.message) from None
+        finally:
+            opened.file_key.wipe()  # the new header is sealed: no key is needed to write it
         payload = before.st_size - header.size
         writes = fmt.slot_writes(header, rewrapped)
         in_place = writes is not None and _write_in_place(target, fin, before, writes)

@@ -53,32 +53,46 @@ class FileKey:
     """The keys derived for one file. A handle: its repr shows nothing and it refuses pickling.
 
     Only :mod:`kmsenv.format` builds these (via :func:`new_header` or :func:`open_header`).
+    The data key is read in place, never copied; the payload key is derived into a buffer that is
+    zeroed as soon as the cipher holds it; the header MAC key stays in a ``bytearray`` until
+    :meth:`wipe` (or the end of a ``with`` block) zeroes it and drops the cipher, after which the
+    handle refuses to be used. The commitment is not secret (it is stored in the header).
     """
 
     __slots__ = ("_aead", "_chunk_size", "_commitment", "_mac_key")
 
     def __init__(
-        self, data_key: bytes, *, suite: int, chunk_size: int, context: Mapping[str, str], salt: bytes
+        self,
+        data_key: bytes | bytearray,
+        *,
+        suite: int,
+        chunk_size: int,
+        context: Mapping[str, str],
+        salt: bytes,
     ) -> None:
         if suite != SUITE_AES256GCM_HKDF_SHA256:
             raise FormatError(f"unsupported algorithm suite {suite}")
-        if not isinstance(data_key, bytes | bytearray | memoryview) or len(data_key) != DATA_KEY_SIZE:
+        if not isinstance(data_key, bytes | bytearray) or len(data_key) != DATA_KEY_SIZE:
             raise FormatError(f"suite {suite} needs a {DATA_KEY_SIZE}-byte data key")
         binding = b"".join((suite.to_bytes(2, "big"), bytes([chunk_log2(chunk_size)]), encode_context(context)))
-        payload, commitment, mac_key = (
-            _crypto.hkdf_sha256(
-                bytes(data_key), salt=salt, info=KDF_LABEL + b"\x00" + purpose + b"\x00" + binding, length=32
-            )
-            for purpose in _PURPOSES
-        )
-        self._aead = _crypto.AesGcm(payload)
-        self._commitment = commitment
+        payload, commitment, mac_key = (bytearray(32) for _ in _PURPOSES)
+        for purpose, out in zip(_PURPOSES, (payload, commitment, mac_key), strict=True):
+            info = KDF_LABEL + b"\x00" + purpose + b"\x00" + binding
+            _crypto.hkdf_sha256_into(data_key, salt=salt, info=info, out=out)
+        try:
+            self._aead: _crypto.AesGcm | None = _crypto.AesGcm(payload)
+        finally:
+            _crypto.wipe(payload)  # OpenSSL keeps its own copy inside the cipher context
+        self._commitment = bytes(commitment)
+        _crypto.wipe(commitment)  # public (in the header); wiped so that every KDF output buffer ends zeroed
         self._mac_key = mac_key
         self._chunk_size = chunk_size
 
     @property
     def aead(self) -> _crypto.AesGcm:
         """The payload cipher (AES-256-GCM under the payload key)."""
+        if self._aead is None:
+            raise ValueError("this FileKey was wiped")
         return self._aead
 
     @property
@@ -92,7 +106,28 @@ class FileKey:
     def __reduce__(self) -> NoReturn:
         raise TypeError("FileKey objects hold key material and cannot be pickled")
 
+    def __enter__(self) -> FileKey:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wipe()
+
+    def wipe(self) -> None:
+        """Zero the header MAC key and drop the payload cipher; idempotent.
+
+        The cipher's OpenSSL context (which holds the expanded payload key) is cleared by OpenSSL
+        when it is freed: at once if nothing else still refers to :attr:`aead`.
+        """
+        _crypto.wipe(self._mac_key)
+        self._aead = None
+
+    @property
+    def wiped(self) -> bool:
+        return self._aead is None
+
     def tag(self, header: Header) -> bytes:
+        if self._aead is None:
+            raise ValueError("this FileKey was wiped")
         return _crypto.hmac_sha256(self._mac_key, header.authenticated_bytes())
 
     def commitment(self) -> bytes:
@@ -105,7 +140,7 @@ def _seal(draft: Header, file_key: FileKey) -> Header:
 
 
 def new_header(
-    data_key: bytes,
+    data_key: bytes | bytearray,
     *,
     stanzas: Sequence[KeyStanza],
     context: Mapping[str, str],
@@ -126,7 +161,7 @@ def new_header(
 
 
 def _new_header(
-    data_key: bytes,
+    data_key: bytes | bytearray,
     *,
     stanzas: Sequence[KeyStanza],
     context: Mapping[str, str],
@@ -165,7 +200,7 @@ def _fresh_region(header: Header, stanzas: tuple[KeyStanza, ...]) -> Header:
     )
 
 
-def open_header(header: Header, data_key: bytes) -> FileKey:
+def open_header(header: Header, data_key: bytes | bytearray) -> FileKey:
     """Check the commitment, then the header tag, both in constant time; return the file key.
 
     IntegrityError (one message for both checks) if either fails. Call this before decrypting any
@@ -179,6 +214,7 @@ def open_header(header: Header, data_key: bytes) -> FileKey:
     committed = _crypto.constant_time_eq(file_key.commitment(), header.commitment)
     tagged = _crypto.constant_time_eq(file_key.tag(header), header.tag)
     if not (committed and tagged):
+        file_key.wipe()
         raise IntegrityError(_HEADER_FAILED)
     return file_key
 
