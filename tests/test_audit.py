@@ -57,6 +57,22 @@ def test_appending_after_reopen_continues_the_chain(log_path: Path) -> None:
     assert verify(log_path).records == 6
 
 
+def test_interleaved_writers_on_one_file_chain_onto_each_other(tmp_path: Path) -> None:
+    """Each AuditLog remembers the head it wrote; an append by another writer (another worker
+    process in the server) must make it re-read the tail instead of chaining onto its own record."""
+    path = tmp_path / "audit.jsonl"
+    first, second = AuditLog(path), AuditLog(path)
+    try:
+        order = [first, first, second, first, second, second, first]
+        written = [log.append(_record(n)) for n, log in enumerate(order, 1)]
+    finally:
+        first.close()
+        second.close()
+    assert [r["seq"] for r in written] == list(range(1, 8))
+    assert all(b["prev"] == a["hash"] for a, b in itertools.pairwise(written))
+    assert verify(path).records == 7
+
+
 def test_record_fields_are_clipped() -> None:
     record = _record(1, access_key_id="A" * 10_000, action="B" * 10_000)
     assert len(record["access_key_id"]) == 256 and len(record["action"]) == 256

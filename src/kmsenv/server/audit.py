@@ -10,7 +10,8 @@ also recompute the whole chain; the chain proves integrity relative to an anchor
 
 Appends take an exclusive ``fcntl.flock`` on the file, read the last record's hash and write one
 line with one ``write`` call, so worker processes and threads interleave whole records and the
-chain stays linear.
+chain stays linear. A process remembers the head it wrote and re-reads the tail only when the file
+no longer ends where its own last record did (another process appended in between).
 
 Several nodes (docs/cluster.md): each node writes its own file — one chain per node, shared by
 that node's workers — and stamps every record with its ``node`` id (``--node-id``, default
@@ -112,6 +113,10 @@ class AuditLog:
         self.node = None if node is None else node[:MAX_FIELD]
         self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         self._lock = threading.Lock()
+        # (file size after our last append, its seq, its hash): while the file still ends where
+        # our own last record ended, no other process appended and the head is known without
+        # reading and parsing the tail again (a read and a JSON parse per request otherwise).
+        self._head: tuple[int, int, str] | None = None
 
     def close(self) -> None:
         with self._lock:
@@ -124,17 +129,25 @@ class AuditLog:
         with self._lock:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
             try:
-                last = _last_line(self._fd)
-                if last is None:
-                    seq, prev = 1, GENESIS
+                end = os.fstat(self._fd).st_size
+                if self._head is not None and self._head[0] == end:
+                    seq, prev = self._head[1] + 1, self._head[2]
                 else:
-                    tail = json.loads(last)
-                    seq, prev = int(tail["seq"]) + 1, str(tail["hash"])
+                    last = _last_line(self._fd)
+                    if last is None:
+                        seq, prev = 1, GENESIS
+                    else:
+                        tail = json.loads(last)
+                        seq, prev = int(tail["seq"]) + 1, str(tail["hash"])
                 chained = {**record, "seq": seq, "prev": prev}
                 if self.node is not None:
                     chained["node"] = self.node
                 chained["hash"] = _digest(chained)
-                os.write(self._fd, _canonical(chained) + b"\n")
+                line = _canonical(chained) + b"\n"
+                written = os.write(self._fd, line)
+                # A short write (disk full) leaves a torn line: forget the head so the next
+                # append reads the file as it really is.
+                self._head = (end + written, seq, chained["hash"]) if written == len(line) else None
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
         return chained
