@@ -167,6 +167,9 @@ class _ActionKms:
         """Run any KMS Action with wire (string) parameters; return the response body."""
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release what the client holds (a store, connections); nothing by default."""
+
     def _key_arn(self, key_id: str) -> str:
         raise NotImplementedError
 

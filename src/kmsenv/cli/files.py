@@ -30,7 +30,7 @@ from kmsenv.errors import KmsenvError, OutputError, UsageError
 if TYPE_CHECKING:
     from kmsenv._cache import DataKeyCache
     from kmsenv._tree import TreeItem
-    from kmsenv.clients import AlibabaKms, EmbeddedKms, Kms
+    from kmsenv.clients import Kms
     from kmsenv.envelope import DecryptResult
 
 __all__ = ["default_decrypt_output", "default_encrypt_output", "default_migrate_output", "parse_context", "register"]
@@ -335,10 +335,10 @@ class _LazyKms(_ActionKms):
 
     def __init__(self, args: argparse.Namespace) -> None:
         self._args = args
-        self._kms: EmbeddedKms | AlibabaKms | None = None
+        self._kms: _ActionKms | None = None
         self._lock = threading.Lock()  # folder runs call from several threads: open it once
 
-    def _get(self) -> EmbeddedKms | AlibabaKms:
+    def _get(self) -> _ActionKms:
         with self._lock:
             if self._kms is None:
                 self._kms = open_kms(self._args)
