@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import httpx
@@ -153,3 +154,44 @@ def test_server_runs_with_the_files_settings(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=15)
+
+
+def _settings_rows() -> dict[str, list[str]]:
+    """The rows of docs/server.md's settings table, by their file-key column."""
+    text = (Path(__file__).parent.parent / "docs" / "server.md").read_text()
+    section = text.split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
+    rows: dict[str, list[str]] = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("| `--") and len(cells) == 5 and cells[2] != "—":  # not --config's row
+            rows[cells[2].strip("`")] = cells
+    return rows
+
+
+def test_docs_settings_table_lists_every_setting_exactly() -> None:
+    """Every ServerConfig setting has its row in docs/server.md, naming the option `kmsenv server`
+    really takes, the variable the workers really read and the default, so the table cannot drift
+    from the code when a setting is added, renamed or its row removed."""
+    import argparse
+
+    from kmsenv.cli import server as server_cli
+    from kmsenv.server.config import _ENV
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    server_cli.register(sub)
+    server_parser = sub.choices["server"]
+    options = {a.dest: a for a in server_parser._actions if a.option_strings}
+    rows = _settings_rows()
+    defaults = ServerConfig()
+    for f in fields(ServerConfig):
+        assert f.name in rows, f"docs/server.md settings table has no row for {f.name}"
+        option_cell, env_cell, _, default_cell, _ = rows[f.name]
+        action = options[f.name]
+        option = action.option_strings[0]
+        assert option_cell.split()[0].strip("`") == option, (f.name, option_cell)
+        assert env_cell == f"`{_ENV[f.name]}`", (f.name, env_cell)
+        assert _ENV[f.name] in (action.help or ""), f"{option} --help does not name {_ENV[f.name]}"
+        default = getattr(defaults, f.name)
+        if default != "":
+            assert f"`{default}`" in default_cell, (f.name, default_cell)
+    assert set(rows) == {f.name for f in fields(ServerConfig)}, "a row for a setting that does not exist"
