@@ -286,3 +286,21 @@ def test_the_public_kms_calls_still_return_bytes(kms: EmbeddedKms, key: str) -> 
     )
     made.wipe()  # bytes cannot be wiped: left as they are, no error
     assert made.plaintext != bytes(32)
+
+
+def test_with_the_data_key_cache_each_file_key_is_zeroed_and_the_cached_key_keeps_serving(
+    kms: EmbeddedKms, key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kmsenv._cache import DataKeyCache
+
+    cache = DataKeyCache()
+    rec = Recorder(kms, monkeypatch)
+    for name in ("a", "b"):
+        (tmp_path / name).write_bytes(name.encode() * 5000)
+        envelope.encrypt_file(tmp_path / name, tmp_path / f"{name}.c", kms=kms, key_id=ALIAS, cache=cache)
+    # One GenerateDataKey for both files; the client's buffer is zeroed once the cache has its
+    # (bytes) copy, and each file's derived keys when that file is done.
+    rec.assert_all_zeroed(data_keys=1, file_keys=2)
+    for name in ("a", "b"):
+        envelope.decrypt_file(tmp_path / f"{name}.c", tmp_path / f"{name}.out", kms=kms)
+        assert (tmp_path / f"{name}.out").read_bytes() == name.encode() * 5000
