@@ -37,13 +37,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
-from kmsenv.clients import AlibabaKms
+from kmsenv.clients import _ActionKms
 from kmsenv.errors import ConfigError, KmsenvError, KmsError, UsageError
-
-if TYPE_CHECKING:
-    from kmsenv.clients import _ActionKms
 
 __all__ = [
     "DEFAULT_MAX_KEYS",
@@ -684,16 +681,16 @@ def run_agent(server: AgentServer, *, ready: Callable[[], None] | None = None) -
 # ----------------------------------------------------------------------------- client --
 
 
-class AgentKms(AlibabaKms):
+class AgentKms(_ActionKms):
     """The ``Kms`` a command uses when an agent serves it: every call is one frame to the agent.
 
-    A subclass of :class:`~kmsenv.clients.AlibabaKms` because, to its callers, the agent is one
-    more door speaking the Alibaba KMS Actions (wire parameters in, response bodies out); it
-    shares none of that class's SDK machinery. One connection per request, so it is thread-safe
+    To its callers the agent is one more door speaking the KMS Actions (wire parameters in,
+    response bodies out), so it is an ``_ActionKms`` like the embedded and remote clients. One
+    connection per request, so it is thread-safe
     and survives nothing between calls. Refusals come back as the KMS's own ``KmsError``.
     """
 
-    def __init__(self, socket_path: Path | str) -> None:  # no super().__init__: no SDK here
+    def __init__(self, socket_path: Path | str) -> None:
         self.socket_path = Path(socket_path)
         self._arns: dict[str, str] = {}
         self._arn_lock = threading.Lock()

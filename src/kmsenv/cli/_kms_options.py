@@ -11,7 +11,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from kmsenv.clients import AlibabaKms, EmbeddedKms
+    from kmsenv.clients import _ActionKms
 
 __all__ = ["AGENT_COMMANDS", "add_kms_options", "agent_socket", "is_remote", "open_kms"]
 
@@ -86,7 +86,7 @@ def agent_socket(args: argparse.Namespace) -> str | None:
     return named if named and not is_remote(args) else None
 
 
-def open_kms(args: argparse.Namespace) -> EmbeddedKms | AlibabaKms:
+def open_kms(args: argparse.Namespace) -> _ActionKms:
     """The KMS the options name; callers ``close()`` it when done."""
     sock = agent_socket(args)
     if sock is not None:
