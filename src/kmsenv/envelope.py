@@ -139,15 +139,18 @@ def _check_unchanged(f: BinaryIO, before: os.stat_result) -> None:
 
 
 @contextmanager
-def _file_to_file(src: StrPath, dst: StrPath, *, force: bool, mode: int | None) -> Iterator[tuple[BinaryIO, BinaryIO]]:
-    """The input opened read-only and the atomic output, for a body that reads one into the other.
+def _file_to_file(
+    src: StrPath, dst: StrPath, *, force: bool, mode: int | None
+) -> Iterator[tuple[BinaryIO, BinaryIO, os.stat_result]]:
+    """The input opened read-only, the atomic output and the input's stat (taken once: a folder
+    run pays every syscall per file), for a body that reads one into the other.
 
     The output is committed only if the body succeeds and the input did not change meanwhile.
     """
     with open_input(src) as (fin, before):
         _check_distinct(before, dst)
         with AtomicOutput(dst, force=force, mode=mode) as out:
-            yield fin, out
+            yield fin, out, before
             _check_unchanged(fin, before)
 
 
@@ -784,8 +787,7 @@ def encrypt_file(
     ctx = _context(context)
     _check_chunk_size(chunk_size)
     key_ids = _key_ids(key_id)
-    with _file_to_file(src, dst, force=force, mode=None) as (fin, out):
-        st = os.fstat(fin.fileno())
+    with _file_to_file(src, dst, force=force, mode=None) as (fin, out, st):
         size_hint = st.st_size if stat.S_ISREG(st.st_mode) else 0
         return _encrypt(
             fin,
@@ -854,8 +856,7 @@ def decrypt_file_result(
     names = tuple(key_ids or ())
     for name in names:
         key_ref(name)  # UsageError for aliases, before any I/O or KMS call
-    with _file_to_file(src, dst, force=force, mode=PRIVATE_MODE) as (fin, out):
-        st = os.fstat(fin.fileno())
+    with _file_to_file(src, dst, force=force, mode=PRIVATE_MODE) as (fin, out, st):
         # _ranges first: it admits only regular files, which _sniff reads without consuming.
         if _ranges(st, threads) and fmt.looks_like_v1(_sniff(fin)[0]):
             header, opened = _open_v1(fin, kms, required, names, discovery, cache=cache)
@@ -991,7 +992,7 @@ def migrate_file(
     """
     ctx = _context(context)
     _check_chunk_size(chunk_size)
-    with _file_to_file(src, dst, force=force, mode=None) as (fin, out):
+    with _file_to_file(src, dst, force=force, mode=None) as (fin, out, _):
         head, reader = _sniff(fin)
         if not legacy.looks_like_legacy(head):
             if fmt.looks_like_v1(head):
