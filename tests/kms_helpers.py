@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -122,3 +123,22 @@ def run_kmsenv(home: Path, *args: str, **env: str) -> subprocess.CompletedProces
         timeout=60,
         check=False,
     )
+
+
+def run_kmsenv_or_kill(args: list[str], home: Path, delay: float | None, **env: str) -> int | None:
+    """Run ``python -m kmsenv <args>``; ``kill -9`` it after ``delay`` seconds (None: let it
+    finish). Returns its exit code, or None if it was killed (the crash tests)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kmsenv", *args],
+        env=kmsenv_env(home, **env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    if delay is None:
+        return proc.wait(timeout=120)
+    try:
+        return proc.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return None

@@ -40,6 +40,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from kmsenv.kms.service import KmsService
+
 RUN_AS_ROOT_USER = "postgres"
 
 
@@ -303,6 +305,15 @@ class Ledger:
         self.codes: Counter[str] = Counter()
         self.no_answer = 0
         self.slowest_refusal_s = 0.0  # the longest an error answer took
+
+    def assert_acknowledged(self, service: KmsService) -> None:
+        """Every write the load was told succeeded is in ``service``, and right."""
+        for key_id in self.keys:
+            assert service.describe_key(key_id=key_id)["KeyMetadata"]["KeyState"] == "Enabled"
+        for alias, key_id in self.aliases.items():
+            assert service.describe_key(key_id=alias)["KeyMetadata"]["KeyId"] == key_id
+        for blob, plaintext in self.blobs:
+            assert service.decrypt(ciphertext_blob=blob)["Plaintext"] == plaintext
 
 
 class Load:

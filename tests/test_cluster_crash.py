@@ -39,12 +39,7 @@ def check_ledger(ledger: Ledger, home: Path, url: str) -> dict[str, int]:
     assert ledger.keys and ledger.aliases and ledger.blobs, "the load did nothing: nothing was tested"
     service = open_service(home, store=url, announce=False)
     try:
-        for key_id in ledger.keys:
-            assert service.describe_key(key_id=key_id)["KeyMetadata"]["KeyState"] == "Enabled"
-        for alias, key_id in ledger.aliases.items():
-            assert service.describe_key(key_id=alias)["KeyMetadata"]["KeyId"] == key_id
-        for blob, plaintext in ledger.blobs:
-            assert service.decrypt(ciphertext_blob=blob)["Plaintext"] == plaintext
+        ledger.assert_acknowledged(service)
         committed = 0
         for alias, (key_id, code) in ledger.refused_aliases.items():
             try:

@@ -20,9 +20,6 @@ import json
 import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -31,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from kms_helpers import kmsenv_env
+from kms_helpers import run_kmsenv_or_kill
 from kmsenv import envelope
 from kmsenv._atomic import TEMP_SUFFIX
 from kmsenv.clients import EmbeddedKms
@@ -116,25 +113,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         os.environ["KMSENV_HOME"] = old
 
 
-def _run(args: list[str], home: Path, delay: float | None, **env: str) -> int | None:
-    """Run the CLI; kill -9 after ``delay`` seconds (None: let it finish). Returns its exit code,
-    or None if it was killed."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kmsenv", *args],
-        env=kmsenv_env(home, **env),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    if delay is None:
-        return proc.wait(timeout=120)
-    try:
-        return proc.wait(timeout=delay)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        return None
-
-
 def _matrix(
     name: str,
     world: World,
@@ -151,7 +129,7 @@ def _matrix(
         timing = tmp / f"timing{n}"
         timing.mkdir()
         started = time.perf_counter()
-        rc = _run(prepare(timing), world.home, None, **(env(timing) if env else {}))
+        rc = run_kmsenv_or_kill(prepare(timing), world.home, None, **(env(timing) if env else {}))
         full = max(full, time.perf_counter() - started)
         assert rc == 0, f"{name}: the uninterrupted run failed ({rc})"
         check(timing, rc)
@@ -160,7 +138,7 @@ def _matrix(
         where = tmp / f"t{trial}"
         where.mkdir()
         args = prepare(where)
-        rc = _run(args, world.home, rng.uniform(0, 1.2 * full), **(env(where) if env else {}))
+        rc = run_kmsenv_or_kill(args, world.home, rng.uniform(0, 1.2 * full), **(env(where) if env else {}))
         tally[check(where, rc)] += 1
     world.assert_store_sound()
     print(f"\n{name}: {TRIALS} trials, full run {full:.2f} s: {dict(tally)}")
@@ -353,7 +331,7 @@ def test_store_import(world: World, tmp_path: Path) -> None:
                 return "complete"
             assert rc is None
             # Nothing usable was written: the import can simply be run again.
-            assert _run(prepare(d), world.home, None, **env(d)) == 0
+            assert run_kmsenv_or_kill(prepare(d), world.home, None, **env(d)) == 0
             assert check_store(home).ok and keys_in(home) == expected
             return "nothing"
         finally:
@@ -494,12 +472,7 @@ def test_sqlite_server_under_load(world: World, tmp_path: Path) -> None:
             node.kill()
         service = open_service(home, announce=False)
         try:
-            for key_id in ledger.keys:
-                assert service.describe_key(key_id=key_id)["KeyMetadata"]["KeyState"] == "Enabled"
-            for alias, key_id in ledger.aliases.items():
-                assert service.describe_key(key_id=alias)["KeyMetadata"]["KeyId"] == key_id
-            for blob, plaintext in ledger.blobs:
-                assert service.decrypt(ciphertext_blob=blob)["Plaintext"] == plaintext
+            ledger.assert_acknowledged(service)
         finally:
             service.close()
         assert set(ledger.codes) <= {"OK"}, ledger.codes

@@ -27,9 +27,6 @@ import hashlib
 import io
 import os
 import random
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -38,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from kms_helpers import kmsenv_env
+from kms_helpers import run_kmsenv_or_kill
 from kmsenv import envelope
 from kmsenv import format as fmt
 from kmsenv.clients import EmbeddedKms
@@ -83,24 +80,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     for data in (world.one_key, world.two_keys):
         assert fmt.read_header(io.BytesIO(data)).version == 2  # encrypt writes v2 by default
     yield world
-
-
-def _run(args: list[str], home: Path, delay: float | None) -> int | None:
-    """Run the CLI; kill -9 after ``delay`` seconds (None: let it finish). None if killed."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kmsenv", *args],
-        env=kmsenv_env(home),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    if delay is None:
-        return proc.wait(timeout=120)
-    try:
-        return proc.wait(timeout=delay)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        return None
 
 
 def _key_set(header: fmt.Header) -> frozenset[str]:
@@ -158,7 +137,7 @@ def _trials(
         d = tmp / f"timing{n}"
         argv, ino = prepare(d)
         started = time.perf_counter()
-        assert _run(argv, world.home, None) == 0
+        assert run_kmsenv_or_kill(argv, world.home, None) == 0
         full = max(full, time.perf_counter() - started)
         assert _check(world, d, ino, original, old=old, new=new) == "new"  # complete, in place, purged
     tally: Counter[str] = Counter()
@@ -168,7 +147,7 @@ def _trials(
         # Half the trials anywhere in the run; half in its last part, where the slots are written
         # (most of a run is Python start-up and opening the KMS).
         delay = rng.uniform(0, 1.2 * full) if trial % 2 else rng.uniform(0.7 * full, 1.05 * full)
-        rc = _run(argv, world.home, delay)
+        rc = run_kmsenv_or_kill(argv, world.home, delay)
         outcome = _check(world, d, ino, original, old=old, new=new)
         assert rc is None or outcome == "new"  # a run that finished finished the job
         tally[outcome] += 1
