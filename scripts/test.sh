@@ -48,8 +48,8 @@ echo "== pytest"
 echo "== fuzz smoke (atheris, ${KMSENV_FUZZ_SECONDS:-3} s per target)"
 smoke_log=$(mktemp)
 # Every target run.py knows (a new target joins the smoke run without editing this list).
-targets=$(.venv/bin/python tests/fuzz/run.py --list | awk '{print $1}')
-[ -n "$targets" ] || { echo "scripts/test.sh: error: no fuzz targets listed" >&2; exit 1; }
+targets=$(.venv/bin/python tests/fuzz/run.py --list 2>"$smoke_log" | awk '{print $1}') || targets=
+[ -n "$targets" ] || { cat "$smoke_log" >&2; echo "scripts/test.sh: error: no fuzz targets listed" >&2; exit 1; }
 for target in $targets; do
   .venv/bin/python tests/fuzz/run.py "$target" --seconds "${KMSENV_FUZZ_SECONDS:-3}" >/dev/null 2>"$smoke_log" \
     || { cat "$smoke_log" >&2; rm -f "$smoke_log"; exit 1; }
