@@ -58,3 +58,19 @@ def test_kms_home_files_are_private(tmp_path: Path, umask: int) -> None:
         log.close()
         nonces.close()
         service.close()
+
+
+@pytest.mark.parametrize("first_use", [True, False], ids=["before-first-use", "existing-kms"])
+def test_a_loose_existing_home_is_made_private(tmp_path: Path, first_use: bool) -> None:
+    """A home made 0755 by hand, before or after the KMS was created in it, is 0700 once opened."""
+    home = tmp_path / "home"
+    if first_use:
+        home.mkdir()
+    else:
+        open_service(home, announce=False).close()
+    home.chmod(0o755)
+    service = open_service(home, announce=False)
+    try:
+        assert _mode(home) == 0o700
+    finally:
+        service.close()

@@ -1071,11 +1071,28 @@ def _parse_filters(filters: str | None) -> list[tuple[str, list[str]]]:
 
 
 def make_home(home: Path) -> None:
-    """Create the KMS home (and its parents), mode 0700."""
+    """Create the KMS home (and its parents), mode 0700; an existing one is made private too."""
     try:
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create the KMS home {home}: {exc.strerror}") from None
+    private_home(home)
+
+
+def private_home(home: Path) -> None:
+    """Make an existing KMS home of ours 0700 (a folder the user made 0755 before first use).
+
+    Its files are 0600 whatever the folder's mode; a group- or world-readable home still shows
+    who has a KMS, its file names and sizes, and lets others watch them change. Like ssh with
+    ~/.ssh, but fixing rather than refusing: the home is ours and only loses access bits.
+    A home owned by another user (root operating on it) is left as it is.
+    """
+    try:
+        info = home.stat()
+        if info.st_uid == os.geteuid() and info.st_mode & 0o077:
+            os.chmod(home, 0o700)
+    except OSError as exc:
+        raise ConfigError(f"cannot make the KMS home {home} private: {exc.strerror}") from None
 
 
 def open_service(
@@ -1094,6 +1111,8 @@ def open_service(
         make_home(home)
     elif not home.is_dir():
         raise ConfigError(f"the KMS home {home} is not a folder")
+    else:
+        private_home(home)
     # A root key is only ever created together with a new store: creating one beside an existing
     # store would silently make every key in it unreadable.
     root_key, created_root = load_or_create_root_key(home, create=new_home)
