@@ -23,6 +23,7 @@ import contextlib
 import getpass
 import glob
 import itertools
+import json
 import os
 import pwd
 import shutil
@@ -289,6 +290,26 @@ def start_node(
         shutil.copy2(root_key, home / "root.key")
         (home / "root.key").chmod(0o600)
     return Node(root, args, extra_env, port).start()
+
+
+@contextlib.contextmanager
+def signed_nodes(root: Path, url: str, workers: list[int]) -> Iterator[tuple[list[Node], tuple[str, str], Path]]:
+    """One ``kmsenv server`` per entry of ``workers`` (its worker count) on the database ``url``,
+    in ``root/a``, ``root/b``, ...; the first node's home makes the root key and an AccessKey the
+    others share. Yields (nodes, (AccessKeyId, AccessKeySecret), the first node's home); always
+    stops the nodes."""
+    home = root / "a" / "home"
+    created = json.loads(kmsenv(home, "access-key", "create", KMSENV_STORE=url).stdout)
+    nodes: list[Node] = []
+    try:
+        for n, count in enumerate(workers):
+            extra = ("--workers", str(count)) if count != 1 else ()
+            shared_key = None if n == 0 else home / "root.key"
+            nodes.append(start_node(root / chr(ord("a") + n), "--store", url, *extra, root_key=shared_key))
+        yield nodes, (created["AccessKeyId"], created["AccessKeySecret"]), home
+    finally:
+        for node in nodes:
+            node.stop()
 
 
 # --------------------------------------------------------------------------------- crash load --

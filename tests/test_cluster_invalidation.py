@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pg_harness import Cluster, Node, kmsenv, pg_cluster, start_node
+from pg_harness import Cluster, Node, kmsenv, pg_cluster, signed_nodes
 from test_server_harness import sign_v1
 
 __all__ = ["pg_cluster"]
@@ -72,18 +72,10 @@ class Trio:
 @pytest.fixture
 def trio(tmp_path: Path, pg_cluster: Cluster) -> Iterator[Trio]:
     url = pg_cluster.create_database()
-    home = tmp_path / "a" / "home"
-    created = json.loads(kmsenv(home, "access-key", "create", KMSENV_STORE=url).stdout)
-    nodes = [start_node(tmp_path / "a", "--store", url)]
-    try:
-        nodes.append(start_node(tmp_path / "b", "--store", url, "--workers", "2", root_key=home / "root.key"))
-        nodes.append(start_node(tmp_path / "c", "--store", url, root_key=home / "root.key"))
+    with signed_nodes(tmp_path, url, [1, 2, 1]) as (nodes, creds, home):
         lags: dict[str, float] = {}
-        yield Trio(*nodes, url, home, (created["AccessKeyId"], created["AccessKeySecret"]), lags)
+        yield Trio(*nodes, url, home, creds, lags)
         print("\ninvalidation lag:", {name: f"{lag * 1000:.0f} ms" for name, lag in lags.items()})
-    finally:
-        for node in nodes:
-            node.stop()
 
 
 def code(response: httpx.Response) -> str:

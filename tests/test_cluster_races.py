@@ -9,7 +9,6 @@ update, and that both nodes then describe the same final state.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pg_harness import Cluster, Node, kmsenv, pg_cluster, start_node
+from pg_harness import Cluster, Node, pg_cluster, signed_nodes
 from test_server_harness import sign_v1
 
 __all__ = ["pg_cluster"]
@@ -70,16 +69,8 @@ class Pair:
 
 @pytest.fixture
 def pair(tmp_path: Path, pg_cluster: Cluster) -> Iterator[Pair]:
-    url = pg_cluster.create_database()
-    home = tmp_path / "a" / "home"
-    created = json.loads(kmsenv(home, "access-key", "create", KMSENV_STORE=url).stdout)
-    nodes = [start_node(tmp_path / "a", "--store", url)]
-    try:
-        nodes.append(start_node(tmp_path / "b", "--store", url, "--workers", "2", root_key=home / "root.key"))
-        yield Pair(nodes[0], nodes[1], (created["AccessKeyId"], created["AccessKeySecret"]))
-    finally:
-        for node in nodes:
-            node.stop()
+    with signed_nodes(tmp_path, pg_cluster.create_database(), [1, 2]) as (nodes, creds, _home):
+        yield Pair(nodes[0], nodes[1], creds)
 
 
 def code(response: httpx.Response) -> str:
