@@ -56,19 +56,28 @@ def _limits() -> tuple[float, int]:
     return float(config.request_timeout), config.max_connections
 
 
-def _error_response(code: str, message: str, *, extra: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
-    """A complete ``connection: close`` HTTP response with Alibaba's error body."""
+def _error_parts(
+    code: str, message: str, *, host_id: str = "kmsenv", extra: tuple[tuple[bytes, bytes], ...] = ()
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Status, headers and body of a ``connection: close`` answer with Alibaba's error body."""
     request_id = new_request_id()
-    reply = error_reply(KmsError(code, message), request_id=request_id, host_id="kmsenv")
+    reply = error_reply(KmsError(code, message), request_id=request_id, host_id=host_id)
     body = json.dumps(reply.body).encode()
     headers = [
         (b"content-type", JSON_TYPE),
         (b"content-length", str(len(body)).encode()),
         (b"x-acs-request-id", request_id.encode()),
-        (b"connection", b"close"),
         *extra,
+        (b"connection", b"close"),
     ]
-    head = b"HTTP/1.1 %d %s\r\n" % (reply.status, _REASONS.get(reply.status, b"Error"))
+    return reply.status, headers, body
+
+
+def _error_response(code: str, message: str, *, extra: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
+    """A complete ``connection: close`` HTTP response with Alibaba's error body, as raw bytes
+    (written to the transport before any app has the request)."""
+    status, headers, body = _error_parts(code, message, extra=extra)
+    head = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error"))
     return head + b"".join(name + b": " + value + b"\r\n" for name, value in headers) + b"\r\n" + body
 
 
@@ -78,20 +87,11 @@ _OVER_LIMIT = "The server has too many open connections; try again later."
 
 async def _refuse_over_limit(scope: Any, receive: Any, send: Any) -> None:
     """The app for a request on a connection past ``max_connections``: 503, then close."""
-    request_id = new_request_id()
     host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
-    reply = error_reply(
-        KmsError("ServiceUnavailableTemporary", _OVER_LIMIT), request_id=request_id, host_id=host[:255] or "kmsenv"
+    status, headers, body = _error_parts(
+        "ServiceUnavailableTemporary", _OVER_LIMIT, host_id=host[:255] or "kmsenv", extra=((b"retry-after", b"1"),)
     )
-    body = json.dumps(reply.body).encode()
-    headers = [
-        (b"content-type", JSON_TYPE),
-        (b"content-length", str(len(body)).encode()),
-        (b"x-acs-request-id", request_id.encode()),
-        (b"retry-after", b"1"),
-        (b"connection", b"close"),
-    ]
-    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
