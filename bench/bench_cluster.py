@@ -38,7 +38,6 @@ import contextlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -148,17 +147,7 @@ def _loadgen_main() -> int:
 
 def drive(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one load job in a separate process; any failed request is an error."""
-    proc = subprocess.run(
-        [sys.executable, __file__, "--loadgen"],
-        input=json.dumps(spec),
-        capture_output=True,
-        text=True,
-        timeout=spec["timeout_s"] + 30,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise BenchError(f"load generator failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    result: dict[str, Any] = json.loads(proc.stdout)
+    result = bench_server.run_loadgen_process([sys.executable, __file__, "--loadgen"], spec)
     if result["errors"]:
         raise BenchError(f"{result['errors']} failed request(s): " + "\n  ".join(result["error_samples"]))
     return result

@@ -125,11 +125,11 @@ def running(cmd: Sequence[str], env: dict[str, str], log: Path, ready_url: str) 
         stop(proc)
 
 
-def loadgen(job: dict[str, Any], server: subprocess.Popen[bytes] | None = None) -> dict[str, Any]:
-    """Run one load-generator job in its own process; add the server's CPU per request."""
-    cpu0 = tree_cpu_seconds(server.pid) if server else 0.0
+def run_loadgen_process(cmd: list[str], job: dict[str, Any]) -> dict[str, Any]:
+    """Run a load-generator command with ``job`` as JSON on stdin, in its own process (so its
+    CPU is not the harness's); its JSON result. Also used by bench_cluster.py."""
     proc = subprocess.run(
-        [sys.executable, str(LOADGEN)],
+        cmd,
         input=json.dumps(job),
         capture_output=True,
         text=True,
@@ -139,6 +139,13 @@ def loadgen(job: dict[str, Any], server: subprocess.Popen[bytes] | None = None) 
     if proc.returncode != 0:
         raise BenchError(f"load generator failed ({proc.returncode}): {proc.stderr[-2000:]}")
     result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+def loadgen(job: dict[str, Any], server: subprocess.Popen[bytes] | None = None) -> dict[str, Any]:
+    """Run one load-generator job in its own process; add the server's CPU per request."""
+    cpu0 = tree_cpu_seconds(server.pid) if server else 0.0
+    result = run_loadgen_process([sys.executable, str(LOADGEN)], job)
     if server:
         sent = result["ok"] + result["errors"] + job["warmup"] + job["concurrency"]
         result["server_cpu_ms_per_request"] = (tree_cpu_seconds(server.pid) - cpu0) * 1000 / max(sent, 1)
