@@ -22,7 +22,7 @@ kmsenv figures are whole CLI processes (start-up included); every kmsenv output 
 load average is printed before and after each round: nothing is asserted (shared, noisy
 machines). Results also go to --out JSON.
 
-Usage: python bench/bench_scale.py [--files 2000] [--size 4096] [--jobs 4] [--rounds 3] [--esdk PYTHON]
+Usage: python bench/bench_scale.py [--files 2000] [--size 4096] [--jobs 4] [--rounds 3] [--settle 2] [--esdk PYTHON]
                                    [--dir DIR] [--out FILE]
 """
 
@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTLE_S = 2.0
+#: --settle: seconds of pause after the sync before each timed run (0 in the smoke test).
+OPTIONS = {"settle_s": 2.0}
 
 ESDK_SCRIPT = r"""
 import os, sys, time
@@ -99,7 +100,7 @@ def settle() -> None:
     alike, starts after a ``sync`` and a short pause.
     """
     os.sync()
-    time.sleep(SETTLE_S)
+    time.sleep(OPTIONS["settle_s"])
 
 
 def run_output(cmd: list[str], env: dict[str, str], *, settled: bool = True) -> tuple[float, str]:
@@ -206,9 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--esdk", metavar="PYTHON", help="a Python with aws-encryption-sdk (default: this one, if it has it)"
     )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=OPTIONS["settle_s"],
+        help="seconds to wait after a sync before each timed run (default 2)",
+    )
     parser.add_argument("--dir", type=Path, default=None, help="work folder parent (default: system temp)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "scale.json")
     args = parser.parse_args(argv)
+    OPTIONS["settle_s"] = args.settle
 
     work = Path(tempfile.mkdtemp(prefix="kmsenv-bench-", dir=args.dir))
     try:

@@ -65,6 +65,9 @@ def test_bench_peers_runs_every_tool(tmp_path: Path) -> None:
     for label in ("kmsenv CLI", "age (pyrage)", "Tink streaming AEAD", "AWS Encryption SDK", "reference sample"):
         assert proc.stdout.count(label) == 2, label  # an encrypt and a decrypt row each
     assert "speed x" in proc.stdout and "memory x" in proc.stdout
+    # The floors are measured, and importing cryptography costs memory over the bare interpreter.
+    floors = results["memory_floor"]
+    assert floors["python + import cryptography AEAD"] > floors["python (interpreter alone)"] > 0
     kinds = png_chunks(png.read_bytes())
     assert kinds[0] == b"IHDR" and b"IDAT" in kinds and kinds[-1] == b"IEND"
     assert list(tmp_path.glob("kmsenv-bench-peers-*")) == []  # its work folder is removed
