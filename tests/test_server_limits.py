@@ -1,5 +1,7 @@
 """Limits that keep one client from taking the server from the others (issue: hardening, resource
-limits): the per-AccessKey rate limit (``Rejected.Throttling``), and slow or idle connections."""
+limits): the per-AccessKey rate limit (``Rejected.Throttling``), slow or idle connections, and the
+units of the per-address limits (address keys, the auth-failure bucket, their settings), whose
+behaviour over real sockets is in ``tests/test_server_abuse.py``."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import pytest
 from kmsenv.cli import main
 from kmsenv.errors import ConfigError
 from kmsenv.server.config import ServerConfig, read_config_file
-from kmsenv.server.limits import RateLimiter, Throttled
+from kmsenv.server.limits import AuthFailureLimiter, RateLimiter, Throttled, address_key
 from test_server_harness import Server, sign_v1, start_server
 
 
@@ -113,6 +115,123 @@ def test_cli_refuses_a_negative_rate_with_exit_9(
     monkeypatch.setenv("KMSENV_HOME", str(tmp_path / "home"))
     assert main(["server", "--rate-limit", "-5"]) == 9
     assert "kmsenv: error: the rate limit must be 0" in capsys.readouterr().err
+    assert not (tmp_path / "home").exists()
+
+
+# -------------------------------------------------------------------- per-address limits: units --
+@pytest.mark.parametrize(
+    ("host", "key"),
+    [
+        ("192.0.2.7", "192.0.2.7"),
+        ("2001:db8:1:2:aaaa:bbbb:cccc:dddd", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2::1", "2001:db8:1:2::/64"),  # the same /64: the same client
+        ("2001:db8:1:3::1", "2001:db8:1:3::/64"),  # the next /64: another client
+        ("::ffff:192.0.2.7", "192.0.2.7"),  # IPv4 through a dual-stack listener: its IPv4 address
+        ("fe80::1%eth0", "fe80::/64"),
+        ("::1", "::/64"),
+    ],
+)
+def test_address_keys_ipv4_by_address_ipv6_by_64_prefix(host: str, key: str) -> None:
+    assert address_key(host) == key
+
+
+def test_auth_failures_spend_an_address_bucket_that_check_reads_without_spending() -> None:
+    clock = _Clock()
+    limiter = AuthFailureLimiter(rate=2, burst=3, clock=clock)
+    for _ in range(10):
+        limiter.check("192.0.2.1")  # no failure yet: never throttled, nothing tracked
+    assert len(limiter) == 0
+    for _ in range(3):
+        limiter.check("192.0.2.1")
+        limiter.fail("192.0.2.1")
+    with pytest.raises(Throttled) as refused:
+        limiter.check("192.0.2.1")
+    assert (refused.value.code, refused.value.http_status) == ("Rejected.Throttling", 429)
+    assert refused.value.retry_after_ms == 500  # one token at 2 per second
+    assert "this address sends more requests that fail authentication" in refused.value.message
+    limiter.check("192.0.2.2")  # another address is untouched
+    limiter.fail("192.0.2.1")  # failures past empty do not dig a deeper hole
+    clock.now += 0.5
+    limiter.check("192.0.2.1")  # one token back after the hint
+    clock.now += 3600
+    limiter.fail("192.0.2.1")  # refilled to the burst, not beyond
+    limiter.fail("192.0.2.1")
+    limiter.check("192.0.2.1")
+    limiter.fail("192.0.2.1")
+    with pytest.raises(Throttled):
+        limiter.check("192.0.2.1")
+
+
+def test_auth_failure_tracking_is_bounded_and_forgets_full_buckets_first() -> None:
+    clock = _Clock()
+    limiter = AuthFailureLimiter(rate=1, burst=2, max_addresses=3, clock=clock)
+    for address in ("a", "b", "c"):
+        limiter.fail(address)
+        limiter.fail(address)  # each empty
+        clock.now += 0.1
+    limiter.fail("d")  # the table is full: the address that failed longest ago is forgotten
+    assert len(limiter) == 3
+    limiter.check("a")  # forgotten: a fresh start
+    with pytest.raises(Throttled):
+        limiter.check("b")  # kept
+    clock.now += 10  # every bucket refilled: the same as none, all forgotten at the next failure
+    limiter.fail("e")
+    assert len(limiter) == 1
+    for i in range(1000):
+        limiter.fail(f"flood-{i}")
+    assert len(limiter) == 3
+
+
+def test_auth_failure_limit_per_worker_and_off() -> None:
+    share = AuthFailureLimiter.for_worker(20, 100, workers=4)
+    assert share is not None and (share.rate, share.burst) == (5, 25)
+    small = AuthFailureLimiter.for_worker(1, 1, workers=3)
+    assert small is not None and small.burst == 1
+    assert AuthFailureLimiter.for_worker(0, 100, workers=1) is None
+    with pytest.raises(ValueError):
+        AuthFailureLimiter(rate=1, burst=1, max_addresses=0)
+
+
+def test_per_address_settings_defaults_sources_and_zero_for_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    defaults = ServerConfig()
+    assert (defaults.max_connections_per_address, defaults.auth_failure_rate, defaults.auth_failure_burst) == (
+        64,
+        20,
+        100,
+    )
+    path = tmp_path / "server.toml"
+    path.write_text("max_connections_per_address = 8\nauth_failure_rate = 5\nauth_failure_burst = 9\n")
+    config = ServerConfig.from_env(read_config_file(path))
+    assert (config.max_connections_per_address, config.auth_failure_rate, config.auth_failure_burst) == (8, 5, 9)
+    monkeypatch.setenv("KMSENV_SERVER_MAX_CONNECTIONS_PER_ADDRESS", "0")
+    monkeypatch.setenv("KMSENV_SERVER_AUTH_FAILURE_RATE", "0")
+    off = ServerConfig.from_env(read_config_file(path), auth_failure_burst=0)  # no burst needed when off
+    assert (off.max_connections_per_address, off.auth_failure_rate) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"max_connections_per_address": -1}, "connection limit per address must be 0"),
+        ({"auth_failure_rate": -1}, "auth failure rate must be 0"),
+        ({"auth_failure_rate": 5, "auth_failure_burst": 0}, "auth failure burst must be at least 1"),
+    ],
+)
+def test_invalid_per_address_settings_are_refused(overrides: dict[str, int], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ServerConfig.from_env(**overrides)  # type: ignore[arg-type]
+
+
+def test_cli_refuses_a_negative_per_address_cap_with_exit_9(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("KMSENV_HOME", str(tmp_path / "home"))
+    assert main(["server", "--max-connections-per-address", "-1"]) == 9
+    assert "kmsenv: error: the connection limit per address must be 0" in capsys.readouterr().err
+    assert main(["server", "--auth-failure-rate", "-1"]) == 9
+    assert "kmsenv: error: the auth failure rate must be 0" in capsys.readouterr().err
     assert not (tmp_path / "home").exists()
 
 

@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         type=Path,
         metavar="FILE",
         help="TOML file of settings (host, port, workers, tls_cert, tls_key, max_body, audit_log, log_level, "
-        "store, node_id, rate_limit, rate_burst, request_timeout, max_connections)",
+        "store, node_id, rate_limit, rate_burst, request_timeout, max_connections, max_connections_per_address, "
+        "auth_failure_rate, auth_failure_burst)",
     )
     parser.add_argument("--host", help="address to listen on (KMSENV_SERVER_HOST; default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="TCP port (KMSENV_SERVER_PORT; default 8080)")
@@ -83,6 +84,28 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         metavar="N",
         help="open connections per worker process (KMSENV_SERVER_MAX_CONNECTIONS; default 512)",
     )
+    parser.add_argument(
+        "--max-connections-per-address",
+        type=int,
+        metavar="N",
+        help="open connections per worker process from one client address (an IPv6 /64); 0 turns it off "
+        "(KMSENV_SERVER_MAX_CONNECTIONS_PER_ADDRESS; default 64)",
+    )
+    parser.add_argument(
+        "--auth-failure-rate",
+        type=int,
+        metavar="N",
+        help="requests per second one client address may send that fail before authenticating; above it the "
+        "address is answered Rejected.Throttling before any signature check; 0 turns it off "
+        "(KMSENV_SERVER_AUTH_FAILURE_RATE; default 20)",
+    )
+    parser.add_argument(
+        "--auth-failure-burst",
+        type=int,
+        metavar="N",
+        help="failed requests one address may send at once above that rate (KMSENV_SERVER_AUTH_FAILURE_BURST; "
+        "default 100)",
+    )
     parser.set_defaults(func=_serve)
 
 
@@ -118,6 +141,9 @@ def _serve(args: argparse.Namespace) -> int:
         rate_burst=args.rate_burst,
         request_timeout=args.request_timeout,
         max_connections=args.max_connections,
+        max_connections_per_address=args.max_connections_per_address,
+        auth_failure_rate=args.auth_failure_rate,
+        auth_failure_burst=args.auth_failure_burst,
         node_id=args.node_id,
     )
     # Create (or check) the KMS home once, here: workers starting together must not race to

@@ -6,7 +6,9 @@ A request goes through these steps, each refusing with its Alibaba code (``docs/
    a body of at most ``max_body`` bytes, checked by Content-Length *and* while streaming, that must
    be ``application/x-www-form-urlencoded``; query and form decoded (``+`` is a space) strictly,
    and a parameter given twice is refused;
-2. auth format — the signature scheme and its claims (:func:`signature.parse_auth`);
+2. auth format — the signature scheme and its claims (:func:`signature.parse_auth`); then, while
+   the client address has failed authentication too often, ``Rejected.Throttling`` before any
+   lookup or HMAC (``kmsenv.server.limits.AuthFailureLimiter``);
 3. Action and Version — from the signed parameters, or for ACS3/ACS4 the signed ``x-acs-*``
    headers;
 4. clock — ``Timestamp``/``x-acs-date`` within ±15 minutes;
@@ -17,6 +19,9 @@ A request goes through these steps, each refusing with its Alibaba code (``docs/
    then the AccessKey's rate limit (``kmsenv.server.limits``: ``Rejected.Throttling``);
 7. policy — ``actions.authorize``;
 8. the Action — ``actions.dispatch``, the embedded KMS's own door.
+
+A request refused at steps 1–6 before its nonce is claimed (not yet authenticated) spends a
+token of its client address's auth-failure bucket.
 
 Blocking work (SQLite, crypto, the audit file) runs in the thread pool, so one slow request does not
 stall the event loop. Every request, refused or not, gets one access-log line and one audit record.
@@ -50,7 +55,7 @@ from kmsenv.server import signature
 from kmsenv.server.audit import AuditLog, audit_record
 from kmsenv.server.config import ServerConfig
 from kmsenv.server.errors import error_reply
-from kmsenv.server.limits import RateLimiter, Throttled
+from kmsenv.server.limits import AuthFailureLimiter, RateLimiter, Throttled, address_key
 
 __all__ = ["KmsApp", "create_app"]
 
@@ -127,6 +132,7 @@ class _Exchange:
     path: str
     client: str | None
     host_id: str
+    address: str | None = None  # the peer's host, for the auth-failure limit
     started: float = field(default_factory=time.perf_counter)
     access_key_id: str | None = None
     action: str | None = None
@@ -135,6 +141,7 @@ class _Exchange:
     status: int = 200
     code: str = "OK"
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # extra response headers
+    authenticated: bool = False  # signature verified, key active and nonce claimed
 
 
 @dataclass(slots=True)
@@ -146,6 +153,7 @@ class _State:
     nonces: NonceStore | PgNonceStore
     audit: AuditLog
     limiter: RateLimiter | None = None
+    auth_limiter: AuthFailureLimiter | None = None
 
     @classmethod
     def open(cls, home: Path, config: ServerConfig) -> _State:
@@ -157,7 +165,10 @@ class _State:
             service.close()
             raise
         limiter = RateLimiter.for_worker(config.rate_limit, config.rate_burst, config.workers)
-        return cls(service, AccessKeys(service, cache_s=CREDENTIAL_CACHE_S), nonces, audit, limiter)
+        auth_limiter = AuthFailureLimiter.for_worker(
+            config.auth_failure_rate, config.auth_failure_burst, config.workers
+        )
+        return cls(service, AccessKeys(service, cache_s=CREDENTIAL_CACHE_S), nonces, audit, limiter, auth_limiter)
 
     def claim_nonce(self, access_key_id: str, nonce: str) -> bool:
         """Claim the nonce for the AccessKey; False if it was used within the window."""
@@ -295,6 +306,7 @@ class KmsApp:
             path=scope["path"],
             client=f"{client[0]}:{client[1]}" if client else None,
             host_id=host[:255] or "kmsenv",
+            address=client[0] if client else None,
         )
         # All blocking work of a request — auth lookups, the Action, the access-log line and the
         # audit record — happens in ONE thread-pool call: each hop between the event loop and a
@@ -363,6 +375,8 @@ class KmsApp:
             except Exception as exc:
                 failure = exc
         if failure is not None:
+            if not ex.authenticated and not isinstance(failure, Throttled):
+                self._count_auth_failure(ex)
             reply = error_reply(failure, request_id=ex.request_id, host_id=ex.host_id)
             status, body, ex.code = reply.status, reply.body, reply.code
             if isinstance(failure, Throttled):
@@ -370,6 +384,13 @@ class KmsApp:
         ex.status = status
         self._finish(ex)
         return status, json.dumps(body, ensure_ascii=False).encode("utf-8")
+
+    def _count_auth_failure(self, ex: _Exchange) -> None:
+        # Throttled answers spend nothing: an address that keeps failing is let through again
+        # at the bucket's rate, not locked out for as long as it keeps sending.
+        state = self._state
+        if state is not None and state.auth_limiter is not None and ex.address is not None:
+            state.auth_limiter.fail(address_key(ex.address))
 
     def _serve_health(self, ex: _Exchange) -> tuple[int, bytes]:
         status, body = self._health()
@@ -450,6 +471,11 @@ class KmsApp:
         # What the request claims, for the logs, even if it is refused before it is verified.
         ex.action = params.get("Action") or next((v for k, v in req.headers if k == "x-acs-action"), None)
         ex.access_key_id = params.get("AccessKeyId")
+        # An address that keeps failing authentication is refused here, before the AccessKey
+        # lookup (a store read for unknown keys, which are never cached) and the HMAC: the work
+        # a client without a valid secret can make the worker do.
+        if state.auth_limiter is not None and ex.address is not None:
+            state.auth_limiter.check(address_key(ex.address))
         signed = signature.parse_auth(req)
         ex.access_key_id = signed.access_key_id
         action = ex.action = _resolve_action(req, signed, params)
@@ -464,6 +490,7 @@ class KmsApp:
         # Replay: a captured request re-sent within the clock window carries a used nonce.
         if not state.claim_nonce(signed.access_key_id, signed.nonce):
             raise KmsError("SignatureNonceUsed", "Specified signature nonce was used already.")
+        ex.authenticated = True
         # Flood control per AccessKey, only once the request is proven to be the key holder's
         # (others cannot spend a key's tokens by naming it) and not a replay (re-sending a
         # captured request cannot either).

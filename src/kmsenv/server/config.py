@@ -46,6 +46,9 @@ _ENV = {
     "rate_burst": "KMSENV_SERVER_RATE_BURST",
     "request_timeout": "KMSENV_SERVER_REQUEST_TIMEOUT",
     "max_connections": "KMSENV_SERVER_MAX_CONNECTIONS",
+    "max_connections_per_address": "KMSENV_SERVER_MAX_CONNECTIONS_PER_ADDRESS",
+    "auth_failure_rate": "KMSENV_SERVER_AUTH_FAILURE_RATE",
+    "auth_failure_burst": "KMSENV_SERVER_AUTH_FAILURE_BURST",
 }
 
 
@@ -70,6 +73,12 @@ class ServerConfig:
     # Seconds for a request's head, and again for its body (slow clients); open connections per worker.
     request_timeout: int = 10
     max_connections: int = 512
+    # Open connections per worker from one client address (an IPv6 /64); 0: no per-address cap.
+    max_connections_per_address: int = 64
+    # Requests per second per client address that may fail before authenticating (0: no limit),
+    # and the burst above it; past them the address is throttled before any HMAC (docs/server.md).
+    auth_failure_rate: int = 20
+    auth_failure_burst: int = 100
 
     @classmethod
     def from_env(cls, file: Mapping[str, object] | None = None, **overrides: object) -> ServerConfig:
@@ -106,6 +115,12 @@ class ServerConfig:
             raise ConfigError("the request timeout must be at least 1 second")
         if self.max_connections < 1:
             raise ConfigError("the connection limit must be at least 1")
+        if self.max_connections_per_address < 0:
+            raise ConfigError("the connection limit per address must be 0 (off) or a number of connections")
+        if self.auth_failure_rate < 0:
+            raise ConfigError("the auth failure rate must be 0 (off) or a number of requests per second")
+        if self.auth_failure_rate and self.auth_failure_burst < 1:
+            raise ConfigError("the auth failure burst must be at least 1 request")
         if self.store and not is_postgres_url(self.store):
             raise ConfigError(
                 f"the store must be a postgresql:// URL, not {redact_url(self.store)!r}",

@@ -11,32 +11,52 @@ kernel spreads new connections over them by a hash of the connection's addresses
 total without any shared state on the request path (a shared bucket would add a cross-process
 lock to every request, as the nonce store has). The cost: a client using a single keep-alive
 connection talks to one worker and gets ``rate/N``.
+
+- :class:`AuthFailureLimiter` — a token bucket per client *address* (:func:`address_key`) that
+  only requests refused before they are authenticated spend (an unknown AccessKey, a bad
+  signature, a stale timestamp, a replayed nonce, a malformed request). While an address's bucket
+  is empty, every request from it is refused with ``Rejected.Throttling`` *before* the AccessKey
+  lookup and the HMAC: the point is to cap the CPU that someone without a valid secret can make a
+  worker spend. Requests that authenticate spend nothing, and an address's failures never touch
+  another address's bucket. Also ``rate/N`` and ``burst/N`` per worker.
+
+Addresses, not AccessKeys, because before the signature is verified the AccessKeyId is only a
+claim: bucketing on it would let anyone drain a real key's bucket by naming it. An IPv6 client
+is keyed by its /64 (one host usually holds a whole /64, so per-/128 buckets would be free to
+multiply); an IPv4-mapped IPv6 address (``::ffff:a.b.c.d``, what a dual-stack listener sees for
+IPv4 clients) by its IPv4 address.
 """
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from kmsenv.errors import KmsError
 
-__all__ = ["RateLimiter", "Throttled"]
+__all__ = ["AuthFailureLimiter", "RateLimiter", "Throttled", "address_key"]
 
 #: Buckets of AccessKeys idle this long are dropped (a full bucket is the same as none).
 _FORGET_AFTER_S = 60.0
+#: Addresses an :class:`AuthFailureLimiter` tracks at most per worker (a bucket is ~200 bytes):
+#: past it, the address whose last failure is oldest (the fullest bucket) is forgotten.
+MAX_TRACKED_ADDRESSES = 10_000
 
 
 class Throttled(KmsError):
     """``Rejected.Throttling``, with the seconds after which a retry would be let through."""
 
-    def __init__(self, retry_after_s: float) -> None:
+    def __init__(self, retry_after_s: float, *, who: str = "this AccessKey sends more requests") -> None:
         self.retry_after_s = retry_after_s
         super().__init__(
             "Rejected.Throttling",
-            f"QPS Limit Exceeded: this AccessKey sends more requests than the server allows; "
+            f"QPS Limit Exceeded: {who} than the server allows; "
             f"retry after {self.retry_after_ms} ms (Retry-After header).",
         )
 
@@ -101,3 +121,102 @@ class RateLimiter:
         self._last_sweep = now
         for key in [k for k, b in self._buckets.items() if now - b.stamp > _FORGET_AFTER_S]:
             del self._buckets[key]
+
+
+@functools.lru_cache(maxsize=4096)
+def _ipv6_key(host: str) -> str:
+    try:
+        address = ipaddress.IPv6Address(host.split("%", 1)[0])  # a link-local zone names no host
+    except ValueError:
+        return host  # not an address (a Unix socket path): itself
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
+
+
+def address_key(host: str) -> str:
+    """The client a connection's peer address counts as: an IPv4 address itself, an IPv6 address
+    its /64 prefix (``2001:db8::/64``), an IPv4-mapped IPv6 address its IPv4 address."""
+    if ":" not in host:
+        return host  # IPv4: the common case, kept free of parsing
+    return _ipv6_key(host)
+
+
+class AuthFailureLimiter:
+    """Token buckets per client address, spent only by requests refused before authentication
+    (module docstring). Safe across the threads of one process; at most
+    ``max_addresses`` buckets."""
+
+    def __init__(
+        self,
+        rate: float,
+        burst: float,
+        *,
+        max_addresses: int = MAX_TRACKED_ADDRESSES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if rate <= 0 or burst < 1 or max_addresses < 1:
+            raise ValueError("rate must be positive, burst and max_addresses at least 1")
+        self.rate = rate
+        self.burst = burst
+        self.max_addresses = max_addresses
+        self._clock = clock
+        # Least recently failed first: the front is the fullest bucket, the first to forget.
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_worker(cls, rate: int, burst: int, workers: int) -> AuthFailureLimiter | None:
+        """This worker's share of the server's limit; None when it is off (``rate`` 0)."""
+        if rate <= 0:
+            return None
+        return cls(rate / workers, max(1.0, burst / workers))
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def check(self, address: str) -> None:
+        """Raise :class:`Throttled` if ``address`` has no token left; spends nothing.
+
+        Checking without spending keeps authenticated requests free; the price is that requests
+        of one address already being verified when its bucket runs dry (at most the worker's
+        pool threads) are let through.
+        """
+        if address not in self._buckets:  # never failed, or forgotten: the fast path, no lock
+            return
+        with self._lock:
+            bucket = self._buckets.get(address)
+            if bucket is None:
+                return
+            tokens = min(self.burst, bucket.tokens + (self._clock() - bucket.stamp) * self.rate)
+        if tokens < 1.0:
+            raise Throttled(
+                (1.0 - tokens) / self.rate,
+                who="this address sends more requests that fail authentication",
+            )
+
+    def fail(self, address: str) -> None:
+        """Spend one of ``address``'s tokens for a request refused before authentication."""
+        now = self._clock()
+        with self._lock:
+            bucket = self._buckets.pop(address, None)
+            if bucket is None:
+                self._forget(now)
+                bucket = _Bucket(self.burst, now)
+            else:
+                bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.stamp) * self.rate)
+                bucket.stamp = now
+            bucket.tokens = max(0.0, bucket.tokens - 1.0)
+            self._buckets[address] = bucket  # to the back: most recently failed
+
+    def _forget(self, now: float) -> None:
+        # A bucket that has refilled to the burst is the same as none: drop those from the front
+        # (oldest failure first), then, if the table is still full, the oldest one anyway (the
+        # fullest bucket: forgetting it loses the least).
+        refill_s = self.burst / self.rate
+        buckets = self._buckets
+        while buckets:
+            address, bucket = next(iter(buckets.items()))
+            if now - bucket.stamp < refill_s and len(buckets) < self.max_addresses:
+                break
+            del buckets[address]

@@ -15,6 +15,15 @@
   that sends its request at once; only when every connection is inside a request is the new one
   refused: it is read up to its head and answered ``ServiceUnavailableTemporary`` (503, which
   Alibaba's clients retry) with ``Retry-After: 1`` and ``connection: close``.
+- **Connections per client address** (``kmsenv.server.limits.address_key``: an IPv4 address, an
+  IPv6 /64) per worker are bounded by ``max_connections_per_address``, so one address cannot take
+  all ``max_connections``. Past it, the same steps, within that address: the new connection
+  makes room by closing *that address's* connection longest waiting for a head, or, when all of
+  them are inside a request, is refused with the same 503. It never evicts another address's
+  connection. Refused rather than closed at once, because the Alibaba SDKs retry a 503 with
+  back-off where a connection closed without an answer reads as a broken server; reading the
+  head is bounded (``request_timeout``, ``MAX_HEAD_BYTES``) and the waiting connection is the
+  first to be evicted by the next one.
 - **One write per response.** uvicorn writes a response's head and its body with two
   ``transport.write`` calls; with ``TCP_NODELAY`` (which the server needs, see
   ``kmsenv.server.runner``) each becomes its own send system call and its own TCP segment, and on
@@ -36,6 +45,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from kmsenv.errors import KmsError
 from kmsenv.kms.actions import new_request_id
 from kmsenv.server.errors import error_reply
+from kmsenv.server.limits import address_key
 
 __all__ = ["MAX_HEAD_BYTES", "KmsHttpProtocol"]
 
@@ -48,12 +58,18 @@ _log = logging.getLogger("kmsenv.server")
 
 
 @functools.cache
-def _limits() -> tuple[float, int]:
-    """(request_timeout, max_connections) of this worker, from the settings it was started with."""
+def _limits() -> tuple[float, int, int]:
+    """(request_timeout, max_connections, max_connections_per_address) of this worker, from the
+    settings it was started with."""
     from kmsenv.server.config import ServerConfig
 
     config = ServerConfig.from_env()
-    return float(config.request_timeout), config.max_connections
+    return float(config.request_timeout), config.max_connections, config.max_connections_per_address
+
+
+#: This worker's open connections by client address (``address_key``). A worker process runs one
+#: server on one event loop, and only that loop's thread touches this.
+_BY_ADDRESS: dict[str, set[KmsHttpProtocol]] = {}
 
 
 def _error_parts(
@@ -83,16 +99,26 @@ def _error_response(code: str, message: str, *, extra: tuple[tuple[bytes, bytes]
 
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}
 _OVER_LIMIT = "The server has too many open connections; try again later."
+_OVER_ADDRESS_LIMIT = "This client address has too many open connections; try again later."
 
 
-async def _refuse_over_limit(scope: Any, receive: Any, send: Any) -> None:
-    """The app for a request on a connection past ``max_connections``: 503, then close."""
-    host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
-    status, headers, body = _error_parts(
-        "ServiceUnavailableTemporary", _OVER_LIMIT, host_id=host[:255] or "kmsenv", extra=((b"retry-after", b"1"),)
-    )
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+def _refusal(message: str) -> Any:
+    """The app for a request on a connection past a connection limit: 503, then close. (The
+    client sees the fixed 503 sentence of ``server.errors``; ``message`` goes to the log.)"""
+
+    async def refuse(scope: Any, receive: Any, send: Any) -> None:
+        host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+        status, headers, body = _error_parts(
+            "ServiceUnavailableTemporary", message, host_id=host[:255] or "kmsenv", extra=((b"retry-after", b"1"),)
+        )
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return refuse
+
+
+_REFUSE_OVER_LIMIT = _refusal(_OVER_LIMIT)
+_REFUSE_OVER_ADDRESS_LIMIT = _refusal(_OVER_ADDRESS_LIMIT)
 
 
 class _JoinedWrites:
@@ -131,17 +157,19 @@ class _JoinedWrites:
 
 class KmsHttpProtocol(HttpToolsProtocol):
     """uvicorn's ``httptools`` protocol with one write per response, a deadline and a size bound
-    for request heads, and a bounded number of connections (module docstring)."""
+    for request heads, and a bounded number of connections, in all and per client address
+    (module docstring)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._timeout, self._max_connections = _limits()
+        self._timeout, self._max_connections, self._per_address = _limits()
+        self._address: str | None = None  # set while counted in _BY_ADDRESS
         self._head_timer: asyncio.TimerHandle | None = None
         self._awaiting_head = True  # no request head in progress or complete: evictable
         self._idle_since = time.monotonic()
         self._head_bytes = 0
         self._begun = False  # a byte of the current request head has arrived
-        self._over_limit = False
+        self._refuse: Any = None  # the app answering this connection's request, if over a limit
 
     # -- connection lifecycle
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -149,12 +177,49 @@ class KmsHttpProtocol(HttpToolsProtocol):
         # After super(): its FlowControl pauses and resumes the real transport.
         self.transport = _JoinedWrites(transport, self.loop)  # type: ignore[assignment]
         self._arm_head_timer()
+        if self._per_address and self.client is not None:
+            self._address = address_key(self.client[0])
+            peers = _BY_ADDRESS.setdefault(self._address, set())
+            peers.add(self)
+            if len(peers) > self._per_address and self._make_room_for_address(peers):
+                return  # one of its own closed (no net growth), or this one refused: nobody else pays
         if len(self.connections) > self._max_connections:
             self._make_room()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        if self._address is not None:
+            peers = _BY_ADDRESS.get(self._address)
+            if peers is not None:
+                peers.discard(self)
+                if not peers:
+                    del _BY_ADDRESS[self._address]
+            self._address = None
         super().connection_lost(exc)
+
+    def _make_room_for_address(self, peers: set[KmsHttpProtocol]) -> bool:
+        """Over the per-address cap: close this address's longest idle connection, or refuse this
+        one. False if the address is not over its cap after all (connections already closing)."""
+        others = [c for c in peers if c is not self and not c.transport.is_closing()]
+        if len(others) < self._per_address:
+            return False
+        idle = [c for c in others if c._awaiting_head]
+        if idle:
+            oldest = min(idle, key=lambda c: c._idle_since)
+            _log.info(
+                "connection limit per address (%d) reached for %s: closing its longest idle connection",
+                self._per_address,
+                self._address,
+            )
+            oldest.transport.close()
+        else:
+            _log.warning(
+                "connection limit per address (%d) reached for %s: refusing a new connection",
+                self._per_address,
+                self._address,
+            )
+            self._refuse = _REFUSE_OVER_ADDRESS_LIMIT
+        return True
 
     def _make_room(self) -> None:
         idle = [
@@ -168,7 +233,7 @@ class KmsHttpProtocol(HttpToolsProtocol):
             oldest.transport.close()
         else:
             _log.warning("connection limit (%d) reached: refusing a new connection", self._max_connections)
-            self._over_limit = True
+            self._refuse = _REFUSE_OVER_LIMIT
 
     # -- the request head: a deadline and a size bound
     def _arm_head_timer(self) -> None:
@@ -215,10 +280,10 @@ class KmsHttpProtocol(HttpToolsProtocol):
         self._cancel_head_timer()
         self._awaiting_head = False
         self._begun = False
-        if not self._over_limit:
+        if self._refuse is None:
             super().on_headers_complete()
             return
-        app, self.app = self.app, _refuse_over_limit
+        app, self.app = self.app, self._refuse
         try:
             super().on_headers_complete()
         finally:
