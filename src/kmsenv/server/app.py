@@ -6,9 +6,9 @@ A request goes through these steps, each refusing with its Alibaba code (``docs/
    a body of at most ``max_body`` bytes, checked by Content-Length *and* while streaming, that must
    be ``application/x-www-form-urlencoded``; query and form decoded (``+`` is a space) strictly,
    and a parameter given twice is refused;
-2. auth format — the signature scheme and its claims (:func:`signature.parse_auth`); then, while
-   the client address has failed authentication too often, ``Rejected.Throttling`` before any
-   lookup or HMAC (``kmsenv.server.limits.AuthFailureLimiter``);
+2. auth format — first, while the client address has failed authentication too often,
+   ``Rejected.Throttling`` before any lookup or HMAC (``kmsenv.server.limits.AuthFailureLimiter``);
+   then the signature scheme and its claims (:func:`signature.parse_auth`);
 3. Action and Version — from the signed parameters, or for ACS3/ACS4 the signed ``x-acs-*``
    headers;
 4. clock — ``Timestamp``/``x-acs-date`` within ±15 minutes;
