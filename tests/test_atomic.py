@@ -344,3 +344,134 @@ def test_group_commit_strands_nothing_when_syncing_breaks(tmp_path: Path, monkey
             ticket.wait()
     group.close()
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ batches of a folder run --
+
+
+def test_commit_lands_exactly_the_given_tickets_after_their_fsync(
+    tmp_path: Path, flavour: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GroupCommit.commit (what a folder run's worker calls at the end of its batch) syncs and
+    links its own tickets, in this thread, and leaves other pending files alone."""
+    synced: set[tuple[int, int]] = set()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        st = os.fstat(fd)
+        synced.add((st.st_dev, st.st_ino))
+
+    monkeypatch.setattr(_atomic.os, "fsync", fsync)
+    group = _atomic.GroupCommit(max_pending=None)
+    mine: list[_atomic.Ticket] = []
+    for name in ("a", "b", "c"):
+        with group.deferring() as tickets, AtomicOutput(tmp_path / name) as f:
+            f.write(name.encode() * 10)
+        mine += tickets
+    with group.deferring() as others, AtomicOutput(tmp_path / "other") as f:
+        f.write(b"not this batch")
+    group.commit(mine)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(TEMP_SUFFIX)) == ["a", "b", "c"]
+    assert all(_inode(tmp_path / name) in synced for name in ("a", "b", "c"))
+    for ticket in mine:
+        ticket.wait()  # returns at once: already in place
+    assert [t.size for t in mine] == [10, 10, 10]
+    assert "pending=1" in repr(group)
+    group.commit(mine)  # committing again is harmless
+    group.close()
+    assert (tmp_path / "other").read_bytes() == b"not this batch"
+    assert others[0].size == len(b"not this batch")
+
+
+def test_commit_reports_each_failure_on_its_own_ticket(tmp_path: Path, flavour: str) -> None:
+    group = _atomic.GroupCommit(max_pending=None)
+    tickets: list[_atomic.Ticket] = []
+    for name in ("taken", "free"):
+        with group.deferring() as mine, AtomicOutput(tmp_path / name) as f:
+            f.write(b"ours")
+        tickets += mine
+    (tmp_path / "taken").write_bytes(b"theirs")
+    group.commit(tickets)
+    with pytest.raises(OutputError, match="already exists"):
+        tickets[0].wait()
+    tickets[1].wait()
+    group.close()
+    assert (tmp_path / "taken").read_bytes() == b"theirs"
+    assert (tmp_path / "free").read_bytes() == b"ours"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["free", "taken"]
+
+
+def test_a_batch_shares_one_descriptor_of_its_folder(
+    tmp_path: Path, flavour: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inside ``in_folder``, outputs in that folder do not open it themselves; outputs elsewhere
+    still do; the shared descriptor is synced once at close, like any other folder."""
+    (tmp_path / "elsewhere").mkdir()
+    folder_opens: list[str] = []
+    real_open = os.open
+
+    def counting_open(path: str, flags: int, *args: object, **kw: object) -> int:
+        if flags & os.O_DIRECTORY and not flags & os.O_WRONLY:  # a folder, not an O_TMPFILE in one
+            folder_opens.append(os.fspath(path))
+        return real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_atomic.os, "open", counting_open)
+    group = _atomic.GroupCommit(max_pending=None)
+    tickets: list[_atomic.Ticket] = []
+    with group.in_folder(str(tmp_path)):
+        for i in range(5):
+            with group.deferring() as mine, AtomicOutput(tmp_path / f"f{i}", mode=PRIVATE_MODE) as f:
+                f.write(b"%d" % i)
+            tickets += mine
+        with group.deferring() as mine, AtomicOutput(tmp_path / "elsewhere" / "g") as f:
+            f.write(b"g")
+        tickets += mine
+        group.commit(tickets)
+    assert folder_opens == [str(tmp_path), str(tmp_path / "elsewhere")]
+    synced = _record_fsyncs(monkeypatch)
+    group.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", *(f"f{i}" for i in range(5))]
+    assert all(_mode(tmp_path / f"f{i}") == PRIVATE_MODE for i in range(5))
+    assert (tmp_path / "elsewhere" / "g").read_bytes() == b"g"
+    assert sorted(kind for kind, _ in synced) == ["dir", "dir"]  # each folder once, at the end
+
+
+def test_a_batch_folder_that_cannot_be_opened_is_reported_per_file(tmp_path: Path) -> None:
+    group = _atomic.GroupCommit(max_pending=None)
+    with (
+        group.in_folder(str(tmp_path / "missing")),
+        pytest.raises(OutputError, match="cannot be used"),
+        AtomicOutput(tmp_path / "missing" / "f") as f,
+    ):
+        f.write(b"x")
+    group.close()
+
+
+@pytest.mark.parametrize("sizes", [[], [0], [10, 20], [100_000], [10, 70_000, 5], [1] * 600])
+def test_deferred_writes_reach_the_file_in_order(tmp_path: Path, sizes: list[int]) -> None:
+    """The group's file object (one writev for small writes, large ones straight through, at
+    most 256 pieces held) writes exactly the bytes given, and knows the size without asking."""
+    pieces = [os.urandom(n) for n in sizes]
+    group = _atomic.GroupCommit(max_pending=None)
+    with group.deferring() as tickets, AtomicOutput(tmp_path / "out") as f:
+        for piece in pieces:
+            assert f.write(memoryview(bytearray(piece))) == len(piece)
+    group.commit(tickets)
+    tickets[0].wait()
+    assert tickets[0].size == sum(sizes)
+    group.close()
+    assert (tmp_path / "out").read_bytes() == b"".join(pieces)
+
+
+def test_deferred_size_is_the_file_s_when_written_round_the_object(tmp_path: Path) -> None:
+    """Once the descriptor was handed out (pwrite by chunk ranges), the size is asked of the file."""
+    group = _atomic.GroupCommit(max_pending=None)
+    with group.deferring() as tickets, AtomicOutput(tmp_path / "out") as f:
+        f.write(b"head")
+        f.flush()
+        os.pwrite(f.fileno(), b"tail", 100)
+    group.commit(tickets)
+    assert tickets[0].size == 104
+    group.close()
+    assert (tmp_path / "out").read_bytes() == b"head" + bytes(96) + b"tail"

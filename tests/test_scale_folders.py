@@ -309,7 +309,7 @@ def test_interrupt_drops_pending_files_and_leaves_nothing_half_written(
     monkeypatch.setattr(envelope, "encrypt_file", interrupted)
     from kmsenv.cli import files as cli_files
 
-    window = cli_files._GROUP_WINDOW
+    window = cli_files._BATCH_FILES
     make_tree(tree, {f"many/{i:03d}": b"x" for i in range(2 * window)})
     out = tmp_path / "enc"
     rc, _, err = cli(capsys, "encrypt", "-r", str(tree), "-o", str(out), "--key-id", key, "-j", "1")

@@ -51,7 +51,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from kmsenv.errors import OutputError
 
@@ -199,19 +199,20 @@ class Ticket:
 class GroupCommit:
     """Durability for a run of many outputs, a batch at a time (see the module docstring).
 
-    Thread-safe. A batch is made durable when ``max_pending`` files wait, when a :class:`Ticket`
-    is waited for, or on :meth:`close`: its files are fsynced together by up to ``sync_threads``
-    threads, then linked in order. ``close`` (also after failures) finishes every pending file
-    and syncs the folders; call it before reporting success.
+    Thread-safe. A batch is made durable when ``max_pending`` files wait (None: never for that
+    reason), when a :class:`Ticket` is waited for, on :meth:`commit` of its tickets, or on
+    :meth:`close`: its files are fsynced together by up to ``sync_threads`` threads, then linked
+    in order. ``close`` (also after failures) finishes every pending file and syncs the folders;
+    call it before reporting success.
     """
 
-    def __init__(self, *, max_pending: int = 64, sync_threads: int = 8) -> None:
+    def __init__(self, *, max_pending: int | None = 64, sync_threads: int = 8) -> None:
         self.folders = FolderSync()
         self._max_pending = max_pending
         self._sync_threads = sync_threads
         self._lock = threading.Lock()  # guards _pending
         self._flushing = threading.Lock()  # one batch at a time, so links happen in batch order
-        self._pending: list[tuple[Ticket, int]] = []
+        self._pending: dict[Ticket, int] = {}  # in arrival order
         self._pool: ThreadPoolExecutor | None = None
 
     def __repr__(self) -> str:
@@ -228,11 +229,33 @@ class GroupCommit:
         finally:
             _GROUP.reset(token)
 
+    @contextlib.contextmanager
+    def in_folder(self, folder: str) -> Iterator[None]:
+        """Outputs created in this block (in this thread) directly in ``folder`` share one open
+        descriptor of it, instead of opening the folder once per file; at the end of the block
+        it goes to :attr:`folders` for the run's one fsync of the folder.
+
+        Commit (:meth:`commit`) the block's tickets before it ends: the descriptor is what they
+        are linked through. If the folder cannot be opened here, each output opens it itself
+        (and reports why it cannot).
+        """
+        try:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            yield
+            return
+        token = _FOLDER.set((folder, os.path.abspath(folder), fd))
+        try:
+            yield
+        finally:
+            _FOLDER.reset(token)
+            self.folders.adopt(fd)
+
     def _add(self, output: AtomicOutput, fd: int, size: int) -> Ticket:
         ticket = Ticket(self, output, size)
         with self._lock:
-            self._pending.append((ticket, fd))
-            full = len(self._pending) >= self._max_pending
+            self._pending[ticket] = fd
+            full = self._max_pending is not None and len(self._pending) >= self._max_pending
         if full:
             self.flush()
         return ticket
@@ -241,18 +264,37 @@ class GroupCommit:
         """Make every file waiting now durable, then link each into place."""
         with self._flushing:
             with self._lock:
-                batch, self._pending = self._pending, []
-            if not batch:
-                return
-            try:
-                results = self._sync([fd for _, fd in batch])
-            except BaseException:
-                # Nothing of this batch may be linked unsynced, and no waiter may wait forever.
-                for ticket, _ in batch:
-                    ticket._finish(OSError(errno.EIO, "the batch's fsync did not complete"))
-                raise
-            for (ticket, _), synced in zip(batch, results, strict=True):
-                ticket._finish(synced)
+                batch, self._pending = list(self._pending.items()), {}
+            self._land(batch)
+
+    def commit(self, tickets: list[Ticket]) -> None:
+        """Make these files durable now, in this thread (their fsyncs still run together on
+        the sync threads), then link each into place; return once every one is finished.
+
+        What a worker of a folder run calls at the end of its batch, so that neither the
+        waiting for fsyncs nor the links go through another thread. Tickets another thread is
+        already finishing are waited for; errors stay on the tickets (see :meth:`Ticket.wait`).
+        """
+        with self._lock:
+            batch = [(t, fd) for t in tickets if (fd := self._pending.pop(t, None)) is not None]
+        try:
+            self._land(batch)
+        finally:
+            for ticket in tickets:
+                ticket._done.wait()
+
+    def _land(self, batch: list[tuple[Ticket, int]]) -> None:
+        if not batch:
+            return
+        try:
+            results = self._sync([fd for _, fd in batch])
+        except BaseException:
+            # Nothing of this batch may be linked unsynced, and no waiter may wait forever.
+            for ticket, _ in batch:
+                ticket._finish(OSError(errno.EIO, "the batch's fsync did not complete"))
+            raise
+        for (ticket, _), synced in zip(batch, results, strict=True):
+            ticket._finish(synced)
 
     def _sync(self, fds: list[int]) -> list[OSError | None]:
         """fsync every descriptor; each one's error (or None), in order."""
@@ -361,6 +403,11 @@ class Writeback:
 _GROUP: contextvars.ContextVar[tuple[GroupCommit, list[Ticket]] | None] = contextvars.ContextVar(
     "kmsenv_group_commit", default=None
 )
+#: The folder a batch of outputs is being created in (as named, and absolute), and its open
+#: descriptor (GroupCommit.in_folder).
+_FOLDER: contextvars.ContextVar[tuple[str, str, int] | None] = contextvars.ContextVar(
+    "kmsenv_batch_folder", default=None
+)
 
 
 def _describe(exc: OSError) -> str:
@@ -369,6 +416,74 @@ def _describe(exc: OSError) -> str:
 
 def same_file(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+class _GroupFile:
+    """The file object of an output left to a :class:`GroupCommit`: a plain descriptor that
+    collects small writes and hands them to the kernel in one ``writev`` at :meth:`flush`.
+
+    Why not ``BufferedWriter(FileIO(fd))``: setting those up costs an ``fstat`` and an
+    ``lseek`` per file, and the size the group needs another ``fstat``; a folder run of small
+    files pays every syscall per file (and each one lets another thread take the GIL). Writes of
+    :data:`_WRITE_THROUGH` bytes or more (the chunks of large files) go straight to the kernel.
+    Only what the envelope layer uses: ``write``, ``flush``, ``fileno``, ``close``.
+    """
+
+    __slots__ = ("_exposed", "_fd", "_parts", "_pending", "_written", "closed")
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._parts: list[bytes] = []
+        self._pending = 0
+        self._written = 0
+        self._exposed = False  # the descriptor was handed out: writes may bypass us (pwrite)
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        n = memoryview(data).nbytes
+        if n >= _WRITE_THROUGH and not self._parts:
+            self._write_all([data])
+        else:
+            self._parts.append(bytes(data))  # a copy: callers reuse their buffers
+            self._pending += n
+            if self._pending >= _WRITE_THROUGH or len(self._parts) >= _MAX_PARTS:  # writev takes <= 1024
+                self.flush()
+        return n
+
+    def flush(self) -> None:
+        if self._parts:
+            parts, self._parts, self._pending = self._parts, [], 0
+            self._write_all(parts)
+
+    def _write_all(self, parts: list[Any]) -> None:
+        total = sum(memoryview(p).nbytes for p in parts)
+        done = os.writev(self._fd, parts)
+        if done < total:  # short write (rare on files): write the rest one piece at a time
+            rest = memoryview(b"".join(bytes(p) for p in parts))[done:]
+            while rest:
+                rest = rest[os.write(self._fd, rest) :]
+        self._written += total
+
+    def fileno(self) -> int:
+        self._exposed = True
+        return self._fd
+
+    @property
+    def size(self) -> int | None:
+        """Bytes written, if every byte went through this object (else None: ask the file)."""
+        return None if self._exposed else self._written + self._pending
+
+    def close(self) -> None:
+        """Close the descriptor; buffered bytes are dropped (commit flushes before closing)."""
+        if not self.closed:
+            self.closed = True
+            self._parts = []
+            os.close(self._fd)
+
+
+#: Writes of at least this size bypass _GroupFile's buffer (a large file's chunks).
+_WRITE_THROUGH = 64 * 1024
+_MAX_PARTS = 256
 
 
 class AtomicOutput:
@@ -383,11 +498,17 @@ class AtomicOutput:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, force: bool = False, mode: int | None = None) -> None:
-        self.path = Path(os.path.abspath(path))
+        name = os.fspath(path)
+        shared = _FOLDER.get()
+        if shared is not None and os.path.dirname(name) == shared[0]:
+            self.path = Path(shared[1], os.path.basename(name))  # the batch's folder, made absolute once
+        else:
+            self.path = Path(os.path.abspath(name))
         self.force = force
         self.mode = mode
         self._file: BinaryIO | None = None
         self._dir_fd: int | None = None
+        self._own_dir = True  # False: the descriptor is a batch's (GroupCommit.in_folder), not ours to close
         self._temp_name: str | None = None  # a name in the folder while one exists
 
     def __repr__(self) -> str:
@@ -401,8 +522,13 @@ class AtomicOutput:
     # ------------------------------------------------------------------------------ open --
     def __enter__(self) -> BinaryIO:
         folder = self.path.parent
+        shared = _FOLDER.get()
+        if shared is not None and shared[1] == str(folder):
+            self._dir_fd, self._own_dir = shared[2], False
         try:
-            st = os.lstat(self.path)  # one call for the common case: nothing there yet
+            # One call for the common case: nothing there yet (relative to the folder when it is
+            # open already: no walk of the whole path).
+            st = os.lstat(self.path if self._dir_fd is None else self.path.name, dir_fd=self._dir_fd)
         except OSError:
             st = None
         if st is not None:
@@ -415,7 +541,8 @@ class AtomicOutput:
         try:
             # Every later step is relative to this descriptor, so a rename of the folder (or of
             # a symlink on its path) mid-way cannot send the output somewhere else.
-            self._dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            if self._dir_fd is None:
+                self._dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             raise OutputError(f"the output folder {folder} cannot be used: {_describe(exc)}") from None
         try:
@@ -426,9 +553,12 @@ class AtomicOutput:
             try:
                 if self.mode is not None:
                     os.fchmod(fd, self.mode)
-                # Not os.fdopen: that also asks whether the file is a terminal (an ioctl per
-                # output, which adds up over thousands of small files).
-                self._file = io.BufferedWriter(io.FileIO(fd, "wb"))
+                if _GROUP.get() is not None:
+                    self._file = cast(BinaryIO, _GroupFile(fd))
+                else:
+                    # Not os.fdopen: that also asks whether the file is a terminal (an ioctl per
+                    # output, which adds up over thousands of small files).
+                    self._file = io.BufferedWriter(io.FileIO(fd, "wb"))
             except OSError as exc:
                 os.close(fd)
                 raise OutputError(f"cannot set up the output {self.path}: {_describe(exc)}") from None
@@ -487,9 +617,15 @@ class AtomicOutput:
             self._temp_name = None
 
     def _close_dir(self) -> None:
-        if self._dir_fd is not None:
+        if self._dir_fd is not None and self._own_dir:
             os.close(self._dir_fd)
-            self._dir_fd = None
+        self._dir_fd = None
+
+    def _hand_dir(self, folders: FolderSync) -> None:
+        """Leave the folder's fsync (and closing its descriptor) to ``folders``."""
+        if self._dir_fd is not None and self._own_dir:
+            folders.adopt(self._dir_fd)  # fsynced once per folder by the run, closed there
+        self._dir_fd = None  # a batch's descriptor goes to the same place when the batch ends
 
     def commit(self) -> None:
         """Flush, fsync and link the file into place (see the module docstring)."""
@@ -512,9 +648,8 @@ class AtomicOutput:
             deferred = _DEFERRED.get()
             if deferred is None:
                 self._sync_folder()
-            elif self._dir_fd is not None:
-                deferred.adopt(self._dir_fd)  # fsynced once per folder by the run, closed there
-                self._dir_fd = None
+            else:
+                self._hand_dir(deferred)
         except BaseException:
             self.abort()
             raise
@@ -525,7 +660,7 @@ class AtomicOutput:
         try:
             try:
                 f.flush()
-                size = os.fstat(f.fileno()).st_size
+                size = f.size if isinstance(f, _GroupFile) and f.size is not None else os.fstat(f.fileno()).st_size
             except OSError as exc:
                 raise OutputError(f"cannot write the output {self.path}: {_describe(exc)}") from None
         except BaseException:
@@ -544,9 +679,7 @@ class AtomicOutput:
             self._link(f.fileno())
             f.close()
             self._file = None
-            if self._dir_fd is not None:
-                folders.adopt(self._dir_fd)
-                self._dir_fd = None
+            self._hand_dir(folders)
         except BaseException:
             self.abort()
             raise

@@ -506,13 +506,15 @@ _FileWork = Callable[["Kms", str, str, int | None], dict[str, Any]]
 def _run_tree(args: argparse.Namespace, work: _FileWork, *, decrypt: bool, cache: DataKeyCache | None) -> int:
     """``-r``: every file below INPUT into OUTDIR, ``--jobs`` at a time (see :mod:`kmsenv._tree`).
 
-    Outputs go through a group commit (:class:`kmsenv._atomic.GroupCommit`): a file's worker
-    hands it over complete but nameless and goes on with the next file; batches of files are
-    fsynced together and only then linked into place, each folder fsynced once at the end. A
-    file is reported (``ok`` or failed) once it is in place, and the exit code is returned only
-    after everything is durable.
+    Each worker takes a batch of up to :data:`_BATCH_FILES` files of one output folder (one
+    task, not one per file: fewer hand-offs between threads, which take turns for the GIL) and
+    writes each output complete but nameless (:class:`kmsenv._atomic.GroupCommit`), through one
+    open descriptor of the folder; at the end of the batch the same worker has the batch's
+    files fsynced together and only then links each into place. Each folder is fsynced once, at
+    the end. A file is reported (``ok`` or failed) once it is in place, and the exit code is
+    returned only after everything is durable.
     """
-    from kmsenv._atomic import GroupCommit
+    from kmsenv._atomic import GroupCommit, Ticket
     from kmsenv._tree import check_roots, plan
 
     if not args.output:
@@ -525,10 +527,10 @@ def _run_tree(args: argparse.Namespace, work: _FileWork, *, decrypt: bool, cache
     # Files run side by side: the streams inside each run inline (a writer thread each would
     # only add hand-offs); a single job keeps the default engine.
     threads = None if jobs == 1 else 1
-    # Files whose worker finished and that wait for their batch's fsync: more of them per batch
-    # means fewer, larger journal commits (each holds an open descriptor, not its data).
-    window = max(4 * jobs, _GROUP_WINDOW)
-    group = GroupCommit(max_pending=window)
+    # Batches are committed by their own worker (GroupCommit.commit), never because some
+    # number of files waits: a batch's fsyncs then run together, and nobody waits for another
+    # worker's files.
+    group = GroupCommit(max_pending=None)
     made: set[str] = set()  # output folders known to exist: one makedirs per folder, not per file
     with _metadata(args.metadata_output) as meta, kms_from_args(args) as kms, contextlib.ExitStack() as finish:
         finish.callback(group.close)  # also after failures and Ctrl-C: finished files still land
@@ -538,18 +540,39 @@ def _run_tree(args: argparse.Namespace, work: _FileWork, *, decrypt: bool, cache
                 return Task.skip(item.input, item.skipped)
             if item.error is not None or item.output is None:
                 return Task(item.input, None, partial(_raise, item.error or UsageError("no output")))
-            src, dst = item.input, item.output
+            return Task(item.input, item.output, partial(work, kms, item.input, item.output, threads))
 
-            def run() -> dict[str, Any]:
-                folder = os.path.dirname(dst)
+        def run_batch(batch: list[Task]) -> _Outcomes:
+            """One output folder's files, in order, committed together at the end (see above)."""
+            folder = None if batch[0].output is None else os.path.dirname(batch[0].output)
+            if folder is None:
+                return _run_each(batch)
+            try:
                 if folder not in made:
                     _make_folder(folder, private=decrypt)
                     made.add(folder)
-                with group.deferring() as tickets:
-                    facts = work(kms, src, dst, threads)
-                return _Landing(facts, tickets) if tickets else facts
-
-            return Task(src, dst, run)
+            except KmsenvError as exc:
+                return [exc] * len(batch), None
+            outcomes: list[dict[str, Any] | KmsenvError] = []
+            tickets: list[Ticket] = []
+            stop: BaseException | None = None
+            with group.in_folder(folder):
+                try:
+                    for t in batch:
+                        with group.deferring() as mine:
+                            try:
+                                facts = t.run()
+                            except KmsenvError as exc:
+                                outcomes.append(exc)
+                                continue
+                            finally:
+                                tickets += mine  # a complete output lands whatever came after it
+                        outcomes.append(_Landing(facts, mine) if mine else facts)
+                except BaseException as exc:  # re-raised by the main thread, after the files before it
+                    stop = exc
+                finally:
+                    group.commit(tickets)  # in this worker: synced together, then linked
+            return [_land(outcome) for outcome in outcomes], stop
 
         items = plan(args.input, args.output, decrypt=decrypt)
         rc = run_tasks(
@@ -559,7 +582,9 @@ def _run_tree(args: argparse.Namespace, work: _FileWork, *, decrypt: bool, cache
             verb=verb,
             jobs=jobs,
             progress=args.progress,
-            window=window,
+            window=2 * jobs * _BATCH_FILES,
+            batch_size=_BATCH_FILES,
+            runner=run_batch,
         )
     if cache is not None:
         stats = cache.stats()
@@ -575,8 +600,20 @@ def _raise(exc: KmsenvError) -> dict[str, Any]:
     raise exc
 
 
-#: Files in flight in a folder run (at least; 4 per job otherwise): see _run_tree.
-_GROUP_WINDOW = 64
+#: Files per batch of a folder run (one output folder's files, one worker; see _run_tree).
+#: Large enough that the per-batch costs (a task, a folder descriptor, a group of fsyncs) are
+#: spread thin; small enough that 2 x jobs batches in flight stay a few hundred descriptors.
+_BATCH_FILES = 64
+
+
+def _land(outcome: dict[str, Any] | KmsenvError) -> dict[str, Any] | KmsenvError:
+    """A task's outcome once its output is in place (the OutputError if it could not be)."""
+    if isinstance(outcome, _Landing):
+        try:
+            return outcome.land()
+        except KmsenvError as exc:
+            return exc
+    return outcome
 
 
 class _Landing(dict[str, Any]):
@@ -771,6 +808,24 @@ class Task:
         return cls(input_name, None, dict, skipped=reason)
 
 
+#: What a worker returns for a batch of tasks run in order: each one's facts or KmsenvError (as
+#: many as ran), and what stopped the batch early (Ctrl-C, a bug), to be raised after them.
+_Outcomes = tuple[list["dict[str, Any] | KmsenvError"], BaseException | None]
+
+
+def _run_each(batch: list[Task]) -> _Outcomes:
+    """The plain batch runner: each task in turn; a KmsenvError is that task's outcome."""
+    outcomes: list[dict[str, Any] | KmsenvError] = []
+    for t in batch:
+        try:
+            outcomes.append(t.run())
+        except KmsenvError as exc:
+            outcomes.append(exc)
+        except BaseException as exc:  # raised by the main thread once the earlier files are reported
+            return outcomes, exc
+    return outcomes, None
+
+
 def run_tasks(
     tasks: Iterable[Task],
     *,
@@ -780,60 +835,76 @@ def run_tasks(
     jobs: int = 1,
     progress: bool = False,
     window: int | None = None,
+    batch_size: int = 1,
+    runner: Callable[[list[Task]], _Outcomes] = _run_each,
 ) -> int:
     """Run every task (``jobs`` at a time), report each failure and go on; return the exit code.
 
     Each failure is one ``kmsenv: error: INPUT: ...`` line (and its hint); each skipped file one
-    ``kmsenv: note:`` line; each file one ``--metadata-output`` line. Exit code: 0 if nothing
-    failed (skipped files are not failures); the failing class's code if every failure has the
-    same one; else 1. With more than one file, a summary line closes the run. ``progress``: a
-    status line redrawn as files finish. On Ctrl-C, files not started yet are dropped and the
-    ones running finish (each is atomic either way). ``window``: tasks submitted ahead of the
-    oldest unfinished one (default 4 per job), which bounds memory on huge trees.
+    ``kmsenv: note:`` line; each file one ``--metadata-output`` line, in the order of ``tasks``
+    (skipped files as they come). Exit code: 0 if nothing failed (skipped files are not
+    failures); the failing class's code if every failure has the same one; else 1. With more
+    than one file, a summary line closes the run. ``progress``: a status line redrawn as files
+    finish. On Ctrl-C, files not started yet are dropped and the ones running finish (each is
+    atomic either way). ``window``: files submitted ahead of the oldest unfinished one (default
+    4 per job), which bounds memory on huge trees. ``batch_size``: consecutive tasks with outputs
+    in the same folder go to one worker together, up to this many, run by ``runner``.
     """
+    from collections import deque
     from concurrent.futures import Future, ThreadPoolExecutor
 
     counts = {"ok": 0, "failed": 0, "skipped": 0}
     codes: set[int] = set()
     status = _Progress(progress, verb)
 
-    def finish(t: Task, outcome: Future[dict[str, Any]] | None) -> None:
+    def finish(t: Task, outcome: dict[str, Any] | KmsenvError | None) -> None:
         record: dict[str, Any] = {"operation": operation, "input": t.input, "output": t.output}
         if outcome is None:
             note(f"skipped {_show(t.input)}: {t.skipped}")
             record.update(outcome="skipped", reason=t.skipped)
+        elif isinstance(outcome, KmsenvError):
+            _report_failure(t.input, outcome)
+            codes.add(outcome.exit_code)
+            record.update(failure_fields(outcome))
         else:
-            exc = outcome.exception()
-            if exc is None:
-                result = outcome.result()
-                try:
-                    record.update(outcome="ok", **(result.land() if isinstance(result, _Landing) else result))
-                except KmsenvError as late:  # the output could not be put in place
-                    exc = late
-            if exc is None:
-                pass
-            elif isinstance(exc, KmsenvError):
-                _report_failure(t.input, exc)
-                codes.add(exc.exit_code)
-                record.update(failure_fields(exc))
-            else:
-                raise exc
+            record.update(outcome="ok", **outcome)
         counts[record["outcome"]] += 1
         meta.write(record)
         status.show(counts)
 
+    def finish_batch(batch: list[Task], future: Future[_Outcomes]) -> None:
+        outcomes, stop = future.result()
+        for t, outcome in zip(batch, outcomes, strict=False):  # fewer outcomes: the batch stopped
+            finish(t, outcome)
+        if stop is not None:
+            raise stop
+
+    limit = window or 4 * max(1, jobs)
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         try:
-            pending: list[tuple[Task, Future[dict[str, Any]]]] = []
+            pending: deque[tuple[list[Task], Future[_Outcomes]]] = deque()
+            in_flight = 0
+            batch: list[Task] = []
+            folder: str | None = None
             for t in tasks:
                 if t.skipped is not None:
                     finish(t, None)
                     continue
-                pending.append((t, pool.submit(t.run)))
-                while len(pending) > (window or 4 * max(1, jobs)):  # bounded: a huge tree is not held in memory
-                    finish(*pending.pop(0))
-            for t, f in pending:
-                finish(t, f)
+                key = None if t.output is None else os.path.dirname(t.output)
+                if batch and (len(batch) >= batch_size or key != folder):
+                    pending.append((batch, pool.submit(runner, batch)))
+                    in_flight += len(batch)
+                    batch = []
+                    while in_flight > limit:  # bounded: a huge tree is not held in memory
+                        done = pending.popleft()
+                        in_flight -= len(done[0])
+                        finish_batch(*done)
+                batch.append(t)
+                folder = key
+            if batch:
+                pending.append((batch, pool.submit(runner, batch)))
+            while pending:
+                finish_batch(*pending.popleft())
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
