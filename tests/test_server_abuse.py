@@ -325,3 +325,53 @@ def test_the_caps_can_be_turned_off(tmp_path: Path, conns: list[_Conn]) -> None:
         for c in conns:
             c.close()
         server.stop()
+
+
+# ------------------------------------------------------------------- server faults spend nothing --
+def test_a_store_outage_during_the_key_lookup_spends_no_client_tokens(
+    kms_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 503 from the store (here: every AccessKey lookup fails, as with PostgreSQL down) is the
+    server's trouble: it must not throttle the client once the store is back. In-process (the
+    real server cannot be made to lose its store on demand; tests/test_cluster_crash.py does it
+    with PostgreSQL), with ASGITransport's client address."""
+    import asyncio
+
+    from kmsenv.errors import KmsError
+    from kmsenv.kms.access import AccessKeys
+    from kmsenv.kms.service import open_service
+    from kmsenv.server.app import KmsApp
+    from kmsenv.server.config import ServerConfig
+
+    service = open_service(kms_home, announce=False)
+    try:
+        created = AccessKeys(service).create()
+        ak, sk = created["AccessKeyId"], created["AccessKeySecret"]
+    finally:
+        service.close()
+    app = KmsApp(ServerConfig(auth_failure_rate=1, auth_failure_burst=BURST), home=kms_home)
+
+    def post(params: dict[str, str]) -> httpx.Response:
+        async def go() -> httpx.Response:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://kms.test") as c:
+                return await c.post("/", params=params)
+
+        return asyncio.run(go())
+
+    real_lookup = AccessKeys.lookup
+
+    def store_down(self: AccessKeys, access_key_id: str) -> object:
+        raise KmsError("ServiceUnavailableTemporary", "could not connect to the database")
+
+    try:
+        monkeypatch.setattr(AccessKeys, "lookup", store_down)
+        for _ in range(3 * BURST):
+            assert post(sign_v1(ak, sk, "ListKeys")).status_code == 503
+        monkeypatch.setattr(AccessKeys, "lookup", real_lookup)
+        assert post(sign_v1(ak, sk, "ListKeys")).status_code == 200  # the store is back: served at once
+        # The same path does count the client's own failures (the burst, then throttled).
+        answers = _until_throttled(lambda: post(sign_v1(ak, "wrong", "ListKeys")))
+        assert [r.json()["Code"] for r in answers[:BURST]] == ["SignatureDoesNotMatch"] * BURST
+        _assert_throttled(answers[-1])
+    finally:
+        app.close()

@@ -20,8 +20,8 @@ A request goes through these steps, each refusing with its Alibaba code (``docs/
 7. policy — ``actions.authorize``;
 8. the Action — ``actions.dispatch``, the embedded KMS's own door.
 
-A request refused at steps 1–6 before its nonce is claimed (not yet authenticated) spends a
-token of its client address's auth-failure bucket.
+A request refused at steps 1–6 before its nonce is claimed (not yet authenticated), with a 4xx
+code (its own fault, not the store's), spends a token of its client address's auth-failure bucket.
 
 Blocking work (SQLite, crypto, the audit file) runs in the thread pool, so one slow request does not
 stall the event loop. Every request, refused or not, gets one access-log line and one audit record.
@@ -244,6 +244,13 @@ def _audit_subject(params: dict[str, str], response: dict[str, Any] | None) -> t
     return key_id, alias
 
 
+def _client_fault(failure: Exception) -> bool:
+    """Whether a refusal is the client's doing (a 4xx code), so it may spend the client's tokens.
+    Not a server fault (the store down or busy while the AccessKey is looked up, a bug): those
+    would throttle innocent clients for the server's trouble. Not a throttle answer itself."""
+    return isinstance(failure, KmsError) and failure.http_status < 500 and not isinstance(failure, Throttled)
+
+
 # ----------------------------------------------------------------------------------- the app --
 class KmsApp:
     """The ASGI callable. ``clock`` is the server's clock for timestamp checks (tests move it)."""
@@ -375,7 +382,7 @@ class KmsApp:
             except Exception as exc:
                 failure = exc
         if failure is not None:
-            if not ex.authenticated and not isinstance(failure, Throttled):
+            if not ex.authenticated and _client_fault(failure):
                 self._count_auth_failure(ex)
             reply = error_reply(failure, request_id=ex.request_id, host_id=ex.host_id)
             status, body, ex.code = reply.status, reply.body, reply.code
