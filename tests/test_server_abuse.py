@@ -327,6 +327,78 @@ def test_the_caps_can_be_turned_off(tmp_path: Path, conns: list[_Conn]) -> None:
         server.stop()
 
 
+# ------------------------------------------------------------------------- behind a trusted proxy --
+PROXY = "127.0.0.50"
+
+
+@pytest.fixture(scope="module")
+def proxied_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = start_server(
+        tmp_path_factory.mktemp("abuse-proxy"),
+        "--trusted-proxies",
+        f"{PROXY},10.0.0.0/8",
+        "--auth-failure-rate",
+        "1",
+        "--auth-failure-burst",
+        str(BURST),
+        "--max-connections-per-address",
+        str(PER_ADDRESS),
+        "--request-timeout",
+        "60",
+    )
+    yield server
+    server.stop()
+
+
+def _forwarded(server: Server, client: httpx.Client, forwarded_for: str, secret: str | None = None) -> httpx.Response:
+    params = sign_v1(server.access_key_id, secret or server.secret, "ListKeys")
+    return client.post(server.url, params=params, headers={"x-forwarded-for": forwarded_for})
+
+
+def _throttled_probe(flood: Callable[[], httpx.Response], probe: Callable[[], httpx.Response]) -> httpx.Response:
+    """Empty a bucket with ``flood``, then send ``probe``; again if a token came back in between
+    (1 token/s), a bounded number of times. The probe's last answer."""
+    for _ in range(20):
+        _until_throttled(flood)
+        answer = probe()
+        if answer.status_code == 429:
+            break
+    return answer
+
+
+def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_bucket(proxied_server: Server) -> None:
+    server = proxied_server
+    with _client(PROXY) as proxy:
+        flood = lambda: _forwarded(server, proxy, "198.51.100.1", secret="wrong")  # noqa: E731
+        # The flooding client, even correctly signed and even if it writes another address to
+        # the left (the proxy appends the real one), is throttled ...
+        refused = _throttled_probe(flood, lambda: _forwarded(server, proxy, "9.9.9.9, 198.51.100.1"))
+        _assert_throttled(refused)
+        # ... while another client behind the same proxy (and through a second trusted hop) is served.
+        assert _forwarded(server, proxy, "198.51.100.2").status_code == 200
+        assert _forwarded(server, proxy, "198.51.100.3, 10.1.2.3").status_code == 200
+
+
+def test_from_an_untrusted_peer_x_forwarded_for_is_ignored(proxied_server: Server) -> None:
+    server = proxied_server
+    with _client("127.0.0.51") as client:
+        flood = lambda: _forwarded(server, client, "198.51.100.4", secret="wrong")  # noqa: E731
+        refused = _throttled_probe(flood, lambda: _forwarded(server, client, "198.51.100.5"))
+    _assert_throttled(refused)  # naming another client did not give it another bucket
+
+
+def test_a_trusted_proxy_is_exempt_from_the_per_address_connection_cap(
+    proxied_server: Server, conns: list[_Conn]
+) -> None:
+    server = proxied_server
+    conns += [_Conn(server, PROXY).busy() for _ in range(2 * PER_ADDRESS)]
+    with _client(PROXY) as proxy:
+        assert _forwarded(server, proxy, "198.51.100.6").status_code == 200
+    conns += [_Conn(server, "127.0.0.52").busy() for _ in range(PER_ADDRESS)]
+    with _client("127.0.0.52") as other:  # anyone else is still capped
+        assert _list_keys(server, other, server.access_key_id, server.secret).status_code == 503
+
+
 # ------------------------------------------------------------------- server faults spend nothing --
 def test_a_store_outage_during_the_key_lookup_spends_no_client_tokens(
     kms_home: Path, monkeypatch: pytest.MonkeyPatch

@@ -18,7 +18,7 @@ import pytest
 from kmsenv.cli import main
 from kmsenv.errors import ConfigError
 from kmsenv.server.config import ServerConfig, read_config_file
-from kmsenv.server.limits import AuthFailureLimiter, RateLimiter, Throttled, address_key
+from kmsenv.server.limits import AuthFailureLimiter, RateLimiter, Throttled, TrustedProxies, address_key
 from test_server_harness import Server, sign_v1, start_server
 
 
@@ -190,6 +190,38 @@ def test_auth_failure_limit_per_worker_and_off() -> None:
     assert AuthFailureLimiter.for_worker(0, 100, workers=1) is None
     with pytest.raises(ValueError):
         AuthFailureLimiter(rate=1, burst=1, max_addresses=0)
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "client"),
+    [
+        ("203.0.113.9", "198.51.100.1", "203.0.113.9"),  # not a proxy: its header is ignored
+        ("10.0.0.5", "198.51.100.1", "198.51.100.1"),  # a trusted proxy names the client
+        ("10.0.0.5", "1.2.3.4, 198.51.100.1", "198.51.100.1"),  # what the client itself wrote: ignored
+        ("10.0.0.5", "198.51.100.1, 10.0.0.7", "198.51.100.1"),  # through two trusted proxies
+        ("10.0.0.5", "", "10.0.0.5"),  # no header: the proxy itself
+        ("10.0.0.5", "garbage", "10.0.0.5"),
+        ("10.0.0.5", "198.51.100.1, unknown", "10.0.0.5"),  # a hop no proxy of ours wrote: stop
+        ("10.0.0.5", "10.0.0.8", "10.0.0.8"),  # only trusted hops: the left-most
+        ("::ffff:127.0.0.1", "2001:db8::1", "2001:db8::1"),  # a mapped IPv4 peer is the IPv4 address
+    ],
+)
+def test_trusted_proxies_name_the_client_only_from_a_proxy(peer: str, forwarded: str, client: str) -> None:
+    proxies = TrustedProxies("10.0.0.0/8, 127.0.0.1")
+    assert proxies and proxies.client(peer, forwarded) == client
+    assert not TrustedProxies("")
+    assert TrustedProxies("").client("10.0.0.5", "198.51.100.1") == "10.0.0.5"
+
+
+def test_trusted_proxies_setting_is_checked(tmp_path: Path) -> None:
+    assert ServerConfig().trusted_proxies == ""
+    assert ServerConfig.from_env(trusted_proxies="127.0.0.1, 10.0.0.0/8, ::1").trusted_proxies
+    with pytest.raises(ConfigError, match=r"trusted proxy 'proxy\.local' is not an IP address or network"):
+        ServerConfig.from_env(trusted_proxies="10.0.0.1,proxy.local")
+    path = tmp_path / "server.toml"
+    path.write_text("trusted_proxies = ['10.0.0.1']\n")
+    with pytest.raises(ConfigError, match="trusted_proxies must be a string"):
+        read_config_file(path)
 
 
 def test_per_address_settings_defaults_sources_and_zero_for_off(

@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         metavar="FILE",
         help="TOML file of settings (host, port, workers, tls_cert, tls_key, max_body, audit_log, log_level, "
         "store, node_id, rate_limit, rate_burst, request_timeout, max_connections, max_connections_per_address, "
-        "auth_failure_rate, auth_failure_burst)",
+        "auth_failure_rate, auth_failure_burst, trusted_proxies)",
     )
     parser.add_argument("--host", help="address to listen on (KMSENV_SERVER_HOST; default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="TCP port (KMSENV_SERVER_PORT; default 8080)")
@@ -106,6 +106,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="failed requests one address may send at once above that rate (KMSENV_SERVER_AUTH_FAILURE_BURST; "
         "default 100)",
     )
+    parser.add_argument(
+        "--trusted-proxies",
+        metavar="LIST",
+        help="comma-separated addresses or networks of reverse proxies whose X-Forwarded-For names the client "
+        "for the per-address limits (KMSENV_SERVER_TRUSTED_PROXIES; default none: the header is ignored)",
+    )
     parser.set_defaults(func=_serve)
 
 
@@ -144,6 +150,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_connections_per_address=args.max_connections_per_address,
         auth_failure_rate=args.auth_failure_rate,
         auth_failure_burst=args.auth_failure_burst,
+        trusted_proxies=args.trusted_proxies,
         node_id=args.node_id,
     )
     # Create (or check) the KMS home once, here: workers starting together must not race to

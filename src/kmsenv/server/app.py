@@ -55,7 +55,7 @@ from kmsenv.server import signature
 from kmsenv.server.audit import AuditLog, audit_record
 from kmsenv.server.config import ServerConfig
 from kmsenv.server.errors import error_reply
-from kmsenv.server.limits import AuthFailureLimiter, RateLimiter, Throttled, address_key
+from kmsenv.server.limits import AuthFailureLimiter, RateLimiter, Throttled, TrustedProxies, address_key
 
 __all__ = ["KmsApp", "create_app"]
 
@@ -132,7 +132,7 @@ class _Exchange:
     path: str
     client: str | None
     host_id: str
-    address: str | None = None  # the peer's host, for the auth-failure limit
+    address: str | None = None  # the client's host for the auth-failure limit (the peer, or behind a trusted proxy)
     started: float = field(default_factory=time.perf_counter)
     access_key_id: str | None = None
     action: str | None = None
@@ -264,6 +264,7 @@ class KmsApp:
         self._pool: ThreadPoolExecutor | None = None
         self._hop: _Hop | None = None
         self._stamp: tuple[int, str] = (-1, "")
+        self._proxies = TrustedProxies(config.trusted_proxies)
 
     # -- lifecycle: each worker process opens its own handles; shutdown closes them.
     def _open_state(self) -> _State:
@@ -315,6 +316,8 @@ class KmsApp:
             host_id=host[:255] or "kmsenv",
             address=client[0] if client else None,
         )
+        if self._proxies and client:
+            ex.address = self._proxies.client(client[0], ",".join(v for k, v in headers if k == "x-forwarded-for"))
         # All blocking work of a request — auth lookups, the Action, the access-log line and the
         # audit record — happens in ONE thread-pool call: each hop between the event loop and a
         # pool thread costs ~0.1-0.2 ms of CPU and a GIL hand-over (docs/performance.md).

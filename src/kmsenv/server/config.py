@@ -49,6 +49,7 @@ _ENV = {
     "max_connections_per_address": "KMSENV_SERVER_MAX_CONNECTIONS_PER_ADDRESS",
     "auth_failure_rate": "KMSENV_SERVER_AUTH_FAILURE_RATE",
     "auth_failure_burst": "KMSENV_SERVER_AUTH_FAILURE_BURST",
+    "trusted_proxies": "KMSENV_SERVER_TRUSTED_PROXIES",
 }
 
 
@@ -79,6 +80,9 @@ class ServerConfig:
     # and the burst above it; past them the address is throttled before any HMAC (docs/server.md).
     auth_failure_rate: int = 20
     auth_failure_burst: int = 100
+    # Comma-separated addresses/networks of reverse proxies whose X-Forwarded-For names the client
+    # for the per-address limits; "" trusts nobody (the header is then ignored).
+    trusted_proxies: str = ""
 
     @classmethod
     def from_env(cls, file: Mapping[str, object] | None = None, **overrides: object) -> ServerConfig:
@@ -121,6 +125,14 @@ class ServerConfig:
             raise ConfigError("the auth failure rate must be 0 (off) or a number of requests per second")
         if self.auth_failure_rate and self.auth_failure_burst < 1:
             raise ConfigError("the auth failure burst must be at least 1 request")
+        from kmsenv.server.limits import TrustedProxies
+
+        bad = TrustedProxies.check(self.trusted_proxies)
+        if bad is not None:
+            raise ConfigError(
+                f"trusted proxy {bad[:64]!r} is not an IP address or network",
+                hint="give addresses or networks separated by commas, e.g. 127.0.0.1,10.0.0.0/8",
+            )
         if self.store and not is_postgres_url(self.store):
             raise ConfigError(
                 f"the store must be a postgresql:// URL, not {redact_url(self.store)!r}",

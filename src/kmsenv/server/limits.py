@@ -25,6 +25,10 @@ claim: bucketing on it would let anyone drain a real key's bucket by naming it. 
 is keyed by its /64 (one host usually holds a whole /64, so per-/128 buckets would be free to
 multiply); an IPv4-mapped IPv6 address (``::ffff:a.b.c.d``, what a dual-stack listener sees for
 IPv4 clients) by its IPv4 address.
+
+- :class:`TrustedProxies` — the reverse proxies (``trusted_proxies``) whose ``X-Forwarded-For``
+  names the client for the per-address limits. Off by default: from anyone else the header is
+  only a claim, and trusting it would let a client choose its bucket.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from dataclasses import dataclass
 
 from kmsenv.errors import KmsError
 
-__all__ = ["AuthFailureLimiter", "RateLimiter", "Throttled", "address_key"]
+__all__ = ["AuthFailureLimiter", "RateLimiter", "Throttled", "TrustedProxies", "address_key"]
 
 #: Buckets of AccessKeys idle this long are dropped (a full bucket is the same as none).
 _FORGET_AFTER_S = 60.0
@@ -220,3 +224,67 @@ class AuthFailureLimiter:
             if now - bucket.stamp < refill_s and len(buckets) < self.max_addresses:
                 break
             del buckets[address]
+
+
+class TrustedProxies:
+    """Networks of reverse proxies trusted to report the client in ``X-Forwarded-For``.
+
+    ``spec`` is a comma-separated list of addresses and networks (``"127.0.0.1, 10.0.0.0/8"``);
+    an empty one trusts nobody (and is false). A proxy appends the address of whoever connected to
+    it, so the client is the right-most address in the header that is not itself a trusted proxy;
+    everything to its left was written by that client and is never believed.
+    """
+
+    def __init__(self, spec: str) -> None:
+        self.networks = tuple(
+            ipaddress.ip_network(item.strip(), strict=False) for item in spec.split(",") if item.strip()
+        )
+        # Peer hosts already classified; bounded because it is keyed by client addresses.
+        self._known: dict[str, bool] = {}
+
+    @staticmethod
+    def check(spec: str) -> str | None:
+        """The first entry of ``spec`` that is not an address or network, or None."""
+        for item in spec.split(","):
+            if item.strip():
+                try:
+                    ipaddress.ip_network(item.strip(), strict=False)
+                except ValueError:
+                    return item.strip()
+        return None
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+    def trusts(self, host: str) -> bool:
+        known = self._known.get(host)
+        if known is None:
+            try:
+                address = ipaddress.ip_address(host.split("%", 1)[0])
+            except ValueError:
+                known = False
+            else:
+                if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+                    address = address.ipv4_mapped
+                known = any(address in network for network in self.networks)
+            if len(self._known) >= MAX_TRACKED_ADDRESSES:
+                self._known.clear()
+            self._known[host] = known
+        return known
+
+    def client(self, peer: str, forwarded_for: str) -> str:
+        """The client's host for a request from ``peer`` carrying ``forwarded_for`` (the
+        ``X-Forwarded-For`` values joined by commas): ``peer`` itself unless it is trusted."""
+        if not self.trusts(peer):
+            return peer
+        client = peer
+        for raw in reversed(forwarded_for.split(",")):
+            hop = raw.strip()
+            try:
+                ipaddress.ip_address(hop.split("%", 1)[0])
+            except ValueError:
+                return client  # not an address: no proxy of ours wrote it; stop at the last known hop
+            client = hop
+            if not self.trusts(hop):
+                return hop
+        return client

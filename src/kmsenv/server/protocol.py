@@ -23,7 +23,8 @@
   connection. Refused rather than closed at once, because the Alibaba SDKs retry a 503 with
   back-off where a connection closed without an answer reads as a broken server; reading the
   head is bounded (``request_timeout``, ``MAX_HEAD_BYTES``) and the waiting connection is the
-  first to be evicted by the next one.
+  first to be evicted by the next one. A trusted reverse proxy (``trusted_proxies``) is exempt:
+  it carries many clients' connections.
 - **One write per response.** uvicorn writes a response's head and its body with two
   ``transport.write`` calls; with ``TCP_NODELAY`` (which the server needs, see
   ``kmsenv.server.runner``) each becomes its own send system call and its own TCP segment, and on
@@ -45,7 +46,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from kmsenv.errors import KmsError
 from kmsenv.kms.actions import new_request_id
 from kmsenv.server.errors import error_reply
-from kmsenv.server.limits import address_key
+from kmsenv.server.limits import TrustedProxies, address_key
 
 __all__ = ["MAX_HEAD_BYTES", "KmsHttpProtocol"]
 
@@ -58,13 +59,18 @@ _log = logging.getLogger("kmsenv.server")
 
 
 @functools.cache
-def _limits() -> tuple[float, int, int]:
-    """(request_timeout, max_connections, max_connections_per_address) of this worker, from the
-    settings it was started with."""
+def _limits() -> tuple[float, int, int, TrustedProxies]:
+    """(request_timeout, max_connections, max_connections_per_address, trusted_proxies) of this
+    worker, from the settings it was started with."""
     from kmsenv.server.config import ServerConfig
 
     config = ServerConfig.from_env()
-    return float(config.request_timeout), config.max_connections, config.max_connections_per_address
+    return (
+        float(config.request_timeout),
+        config.max_connections,
+        config.max_connections_per_address,
+        TrustedProxies(config.trusted_proxies),
+    )
 
 
 #: This worker's open connections by client address (``address_key``). A worker process runs one
@@ -162,7 +168,7 @@ class KmsHttpProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._timeout, self._max_connections, self._per_address = _limits()
+        self._timeout, self._max_connections, self._per_address, self._proxies = _limits()
         self._address: str | None = None  # set while counted in _BY_ADDRESS
         self._head_timer: asyncio.TimerHandle | None = None
         self._awaiting_head = True  # no request head in progress or complete: evictable
@@ -177,7 +183,8 @@ class KmsHttpProtocol(HttpToolsProtocol):
         # After super(): its FlowControl pauses and resumes the real transport.
         self.transport = _JoinedWrites(transport, self.loop)  # type: ignore[assignment]
         self._arm_head_timer()
-        if self._per_address and self.client is not None:
+        # A trusted reverse proxy carries many clients' connections: only the global cap applies.
+        if self._per_address and self.client is not None and not self._proxies.trusts(self.client[0]):
             self._address = address_key(self.client[0])
             peers = _BY_ADDRESS.setdefault(self._address, set())
             peers.add(self)
