@@ -257,6 +257,8 @@ class TrustedProxies:
         return bool(self.networks)
 
     def trusts(self, host: str) -> bool:
+        if not self.networks:
+            return False  # the default: nothing to parse or remember per connection
         known = self._known.get(host)
         if known is None:
             try:
