@@ -122,31 +122,36 @@ def open_input(path: StrPath, *, whole: bool = False) -> Iterator[tuple[BinaryIO
     name = os.fspath(path)
     try:
         # Not open(): it also asks whether the file is a terminal (an ioctl per input, and every
-        # syscall hands the GIL round the workers of a folder run).
-        raw = io.FileIO(name, "rb")
+        # syscall hands the GIL round the workers of a folder run). Not FileIO(name) either: it
+        # fstats the file for itself, and the stat is needed here anyway.
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise InputError(f"the input {name} does not exist") from None
     except IsADirectoryError:
         raise InputError(f"the input {name} is a folder", hint="pass -r and -o OUTDIR to work on a folder") from None
     except OSError as exc:
         raise InputError(f"cannot read the input {name}: {exc.strerror or exc}") from None
-    with raw:
-        st = os.fstat(raw.fileno())
+    try:
+        st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
             raise InputError(f"the input {name} is a folder", hint="pass -r and -o OUTDIR to work on a folder")
         if whole and stat.S_ISREG(st.st_mode) and st.st_size <= _READ_WHOLE:
             try:
-                data = os.read(raw.fileno(), st.st_size + 1)
+                data = os.read(fd, st.st_size + 1)
             except OSError as exc:
                 raise InputError(f"cannot read the input {name}: {exc.strerror or exc}") from None
             if len(data) <= st.st_size:  # a short read of a regular file is its end
-                with _WholeFile(data, raw.fileno()) as f:
+                with _WholeFile(data, fd) as f:
                     yield f, st
                 return
-            raw.seek(0)  # it grew since the fstat: read it as a stream
+            os.lseek(fd, 0, os.SEEK_SET)  # it grew since the fstat: read it as a stream
         # The buffer open() would pick: the file's block size.
-        with io.BufferedReader(raw, st.st_blksize if st.st_blksize > 1 else io.DEFAULT_BUFFER_SIZE) as f:
+        with io.BufferedReader(
+            io.FileIO(fd, "rb", closefd=False), st.st_blksize if st.st_blksize > 1 else io.DEFAULT_BUFFER_SIZE
+        ) as f:
             yield f, st
+    finally:
+        os.close(fd)
 
 
 def _check_distinct(source: os.stat_result, dst: StrPath) -> None:
