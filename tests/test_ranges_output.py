@@ -1,10 +1,13 @@
-"""Chunk ranges preallocate their output: one fallocate of the final size before any chunk.
+"""How chunk ranges write their output: preallocated, and decrypted chunks in aligned pieces.
 
 Large outputs of :func:`encrypt_ranges`/:func:`decrypt_ranges` get their blocks allocated up front
 (a speed measure: docs/scale.md). It must ask for exactly the final size, on the output's own
 descriptor, before any chunk is written; it must never change a byte written; a file system
 without fallocate must be fine; and an output that cannot fit (ENOSPC) must fail before any work,
 leaving nothing behind when it comes through ``encrypt_file``/``decrypt_file``.
+
+Decrypted chunks are written in pieces of at most ``_WRITE_BYTES``, each starting at a multiple of
+it (another speed measure), still only once verified, and the bytes must be the same.
 """
 
 from __future__ import annotations
@@ -176,3 +179,35 @@ def test_no_room_through_the_files_api_is_an_output_error_and_leaves_nothing(
     with pytest.raises(OutputError, match="No space left"):
         envelope.decrypt_file(ok, tmp_path / "x.plain", kms=kms, threads=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_decrypted_chunks_are_written_in_aligned_pieces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(random_access, "_WRITE_BYTES", 1024)  # 4 pieces per 4 KiB chunk
+    plaintext = os.urandom(SIZE)
+    file = in_memory(plaintext)
+    writes: list[tuple[int, int]] = []
+    real = os.pwrite
+
+    def recording_pwrite(fd: int, data: memoryview, offset: int) -> int:
+        writes.append((offset, len(data)))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", recording_pwrite)
+    assert decrypt(tmp_path, file)[0] == plaintext
+    assert all(length <= 1024 and offset % 1024 == 0 for offset, length in writes)
+    assert sorted(writes) == [(at, min(1024, SIZE - at)) for at in range(0, SIZE, 1024)]  # each byte once
+
+
+def test_encrypted_records_are_written_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(random_access, "_WRITE_BYTES", 1024)
+    writes: list[int] = []
+    real = os.pwrite
+
+    def recording_pwrite(fd: int, data: memoryview, offset: int) -> int:
+        writes.append(len(data))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", recording_pwrite)
+    plaintext = os.urandom(SIZE)
+    assert encrypt(tmp_path, plaintext)[0] == in_memory(plaintext)
+    assert sorted(writes) == sorted([CHUNK + 16] * (SIZE // CHUNK) + [SIZE % CHUNK + 16])
