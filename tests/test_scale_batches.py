@@ -198,3 +198,40 @@ def test_an_input_that_grew_since_its_fstat_is_read_as_a_stream(
     monkeypatch.undo()
     with pytest.raises(InputError, match="does not exist"), envelope.open_input(tmp_path / "nope", whole=True):
         pass
+
+
+def test_large_inputs_get_a_batch_each() -> None:
+    """Batches close by bytes too: files of a batch's worth of bytes each run side by side on
+    several workers instead of one after another in one batch."""
+    seen: list[list[str]] = []
+
+    def runner(batch: list[cli_files.Task]) -> cli_files._Outcomes:
+        seen.append([t.input for t in batch])
+        return cli_files._run_each(batch)
+
+    big = cli_files._BATCH_BYTES
+    sizes = {"s0": 10, "s1": 10, "b0": big, "b1": big, "s2": 10, "b2": big + 1, "s3": 1}
+    tasks = [cli_files.Task(name, f"out/{name}", dict, size=size) for name, size in sizes.items()]
+    rc = cli_files.run_tasks(
+        tasks,
+        meta=cli_files.MetadataWriter(None),
+        operation="t",
+        verb="done",
+        jobs=4,
+        batch_size=64,
+        batch_bytes=big,
+        runner=runner,
+    )
+    assert rc == 0
+    assert sorted(seen) == sorted([["s0", "s1", "b0"], ["b1"], ["s2", "b2"], ["s3"]])
+
+
+def test_the_walk_reports_file_sizes(tmp_path: Path) -> None:
+    from kmsenv import _tree
+
+    _tree_files = {"a": 0, "sub/b": 5, "sub/c": 70_000}
+    for name, size in _tree_files.items():
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / name).write_bytes(b"x" * size)
+    items = list(_tree.plan(str(tmp_path / "in"), str(tmp_path / "out"), decrypt=False))
+    assert {os.path.relpath(i.input, tmp_path / "in"): i.size for i in items} == _tree_files

@@ -30,12 +30,16 @@ CIPHER_SUFFIX = ".cipher"
 
 @dataclass(frozen=True, slots=True)
 class TreeItem:
-    """One entry of a folder run: a file to process (``output`` set), or one skipped or failed."""
+    """One entry of a folder run: a file to process (``output`` set), or one skipped or failed.
+
+    ``size``: the file's size when the walk saw it (only a hint, for sharing out the work).
+    """
 
     input: str
     output: str | None = None
     skipped: str | None = None
     error: KmsenvError | None = None
+    size: int = 0
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -64,8 +68,8 @@ def check_roots(src_dir: str, out_dir: str) -> tuple[str, str]:
     return src_real, out_real
 
 
-def _walk(root: str) -> Iterator[tuple[str, str, str | None, KmsenvError | None]]:
-    """(path, relative path, skip reason, error) for every non-folder entry below ``root``."""
+def _walk(root: str) -> Iterator[tuple[str, str, str | None, KmsenvError | None, int]]:
+    """(path, relative path, skip reason, error, size) for every non-folder entry below ``root``."""
     stack = [(root, "")]
     while stack:
         folder, rel = stack.pop()
@@ -73,22 +77,23 @@ def _walk(root: str) -> Iterator[tuple[str, str, str | None, KmsenvError | None]
             with os.scandir(folder) as listing:
                 entries = sorted(listing, key=lambda e: e.name)
         except OSError as exc:
-            yield folder, rel, None, InputError(f"cannot read the folder {folder}: {exc.strerror or exc}")
+            yield folder, rel, None, InputError(f"cannot read the folder {folder}: {exc.strerror or exc}"), 0
             continue
         subfolders: list[tuple[str, str]] = []
         for entry in entries:
             path, relative = entry.path, os.path.join(rel, entry.name)
             try:
                 if entry.is_symlink():
-                    yield path, relative, "symbolic link (not followed)", None
+                    yield path, relative, "symbolic link (not followed)", None, 0
                 elif entry.is_dir(follow_symlinks=False):
                     subfolders.append((path, relative))
                 elif entry.is_file(follow_symlinks=False):
-                    yield path, relative, None, None
+                    # The size (an lstat) lets the run give large files a worker each.
+                    yield path, relative, None, None, entry.stat(follow_symlinks=False).st_size
                 else:
-                    yield path, relative, "not a regular file (device, FIFO or socket)", None
+                    yield path, relative, "not a regular file (device, FIFO or socket)", None, 0
             except OSError as exc:
-                yield path, relative, None, InputError(f"cannot examine {path}: {exc.strerror or exc}")
+                yield path, relative, None, InputError(f"cannot examine {path}: {exc.strerror or exc}"), 0
         stack.extend(reversed(subfolders))  # depth first, in name order
 
 
@@ -101,7 +106,7 @@ def plan(src_dir: str, out_dir: str, *, decrypt: bool) -> Iterator[TreeItem]:
     # The walk yields a folder's files together, so one resolved output folder serves them all
     # (os.path.realpath costs an lstat per path component: per file, that was ~10 % of a run).
     folder, folder_real = "", ""
-    for path, relative, skipped, error in _walk(src_dir):
+    for path, relative, skipped, error, size in _walk(src_dir):
         if skipped is not None or error is not None:
             yield TreeItem(path, skipped=skipped, error=error)
             continue
@@ -124,4 +129,4 @@ def plan(src_dir: str, out_dir: str, *, decrypt: bool) -> Iterator[TreeItem]:
             # tree being read.
             yield TreeItem(path, error=UsageError(f"the output {output} would be inside the input folder"))
             continue
-        yield TreeItem(path, output)
+        yield TreeItem(path, output, size=size)

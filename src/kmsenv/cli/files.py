@@ -540,7 +540,7 @@ def _run_tree(args: argparse.Namespace, work: _FileWork, *, decrypt: bool, cache
                 return Task.skip(item.input, item.skipped)
             if item.error is not None or item.output is None:
                 return Task(item.input, None, partial(_raise, item.error or UsageError("no output")))
-            return Task(item.input, item.output, partial(work, kms, item.input, item.output, threads))
+            return Task(item.input, item.output, partial(work, kms, item.input, item.output, threads), size=item.size)
 
         def run_batch(batch: list[Task]) -> _Outcomes:
             """One output folder's files, in order, committed together at the end (see above)."""
@@ -584,6 +584,7 @@ def _run_tree(args: argparse.Namespace, work: _FileWork, *, decrypt: bool, cache
             progress=args.progress,
             window=2 * jobs * _BATCH_FILES,
             batch_size=_BATCH_FILES,
+            batch_bytes=_BATCH_BYTES,
             runner=run_batch,
         )
     if cache is not None:
@@ -604,6 +605,8 @@ def _raise(exc: KmsenvError) -> dict[str, Any]:
 #: Large enough that the per-batch costs (a task, a folder descriptor, a group of fsyncs) are
 #: spread thin; small enough that 2 x jobs batches in flight stay a few hundred descriptors.
 _BATCH_FILES = 64
+#: ... and at most about this many input bytes: large files get a worker each, as before batches.
+_BATCH_BYTES = 4 << 20
 
 
 def _land(outcome: dict[str, Any] | KmsenvError) -> dict[str, Any] | KmsenvError:
@@ -795,13 +798,15 @@ def _rewrap(args: argparse.Namespace) -> int:
 class Task:
     """One file of a multi-file command: its names, and the work (returns metadata fields).
 
-    ``skipped``: a reason not to run it at all (a symbolic link, a special file).
+    ``skipped``: a reason not to run it at all (a symbolic link, a special file). ``size``: the
+    input's size if known (batches are closed by bytes as well as by files).
     """
 
     input: str
     output: str | None
     run: Callable[[], dict[str, Any]]
     skipped: str | None = None
+    size: int = 0
 
     @classmethod
     def skip(cls, input_name: str, reason: str) -> Task:
@@ -836,6 +841,7 @@ def run_tasks(
     progress: bool = False,
     window: int | None = None,
     batch_size: int = 1,
+    batch_bytes: int | None = None,
     runner: Callable[[list[Task]], _Outcomes] = _run_each,
 ) -> int:
     """Run every task (``jobs`` at a time), report each failure and go on; return the exit code.
@@ -848,7 +854,8 @@ def run_tasks(
     finish. On Ctrl-C, files not started yet are dropped and the ones running finish (each is
     atomic either way). ``window``: files submitted ahead of the oldest unfinished one (default
     4 per job), which bounds memory on huge trees. ``batch_size``: consecutive tasks with outputs
-    in the same folder go to one worker together, up to this many, run by ``runner``.
+    in the same folder go to one worker together, up to this many (and, with ``batch_bytes``, up
+    to the task that reaches that many input bytes), run by ``runner``.
     """
     from collections import deque
     from concurrent.futures import Future, ThreadPoolExecutor
@@ -886,21 +893,24 @@ def run_tasks(
             in_flight = 0
             batch: list[Task] = []
             folder: str | None = None
+            size = 0
             for t in tasks:
                 if t.skipped is not None:
                     finish(t, None)
                     continue
                 key = None if t.output is None else os.path.dirname(t.output)
-                if batch and (len(batch) >= batch_size or key != folder):
+                full = len(batch) >= batch_size or (batch_bytes is not None and size >= batch_bytes)
+                if batch and (full or key != folder):
                     pending.append((batch, pool.submit(runner, batch)))
                     in_flight += len(batch)
-                    batch = []
+                    batch, size = [], 0
                     while in_flight > limit:  # bounded: a huge tree is not held in memory
                         done = pending.popleft()
                         in_flight -= len(done[0])
                         finish_batch(*done)
                 batch.append(t)
                 folder = key
+                size += t.size
             if batch:
                 pending.append((batch, pool.submit(runner, batch)))
             while pending:
