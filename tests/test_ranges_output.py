@@ -7,7 +7,8 @@ without fallocate must be fine; and an output that cannot fit (ENOSPC) must fail
 leaving nothing behind when it comes through ``encrypt_file``/``decrypt_file``.
 
 Decrypted chunks are written in pieces of at most ``_WRITE_BYTES``, each starting at a multiple of
-it (another speed measure), still only once verified, and the bytes must be the same.
+it (another speed measure), still only once verified, and the bytes must be the same; the stream
+engine's decryption writes in such pieces too, and both engines write encrypted records whole.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import io
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from files_helpers import CHUNK
 from kmsenv import envelope
 from kmsenv.clients import EmbeddedKms
-from kmsenv.errors import OutputError
+from kmsenv.errors import IntegrityError, OutputError
 from kmsenv.format import random_access, stream
 from kmsenv.format.header import KeyStanza
 from kmsenv.format.keys import _new_header
@@ -211,3 +213,46 @@ def test_encrypted_records_are_written_whole(tmp_path: Path, monkeypatch: pytest
     plaintext = os.urandom(SIZE)
     assert encrypt(tmp_path, plaintext)[0] == in_memory(plaintext)
     assert sorted(writes) == sorted([CHUNK + 16] * (SIZE // CHUNK) + [SIZE % CHUNK + 16])
+
+
+class Recorder(io.BytesIO):
+    """An output that remembers the length of every write it was handed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def write(self, data: Any) -> int:
+        self.sizes.append(len(data))
+        return super().write(data)
+
+
+@pytest.mark.parametrize(("threads", "pipeline"), [(1, False), (2, False), (2, True)])
+def test_the_stream_decrypts_in_pieces_and_encrypts_whole_records(
+    monkeypatch: pytest.MonkeyPatch, threads: int, pipeline: bool
+) -> None:
+    monkeypatch.setattr(stream, "_PLAINTEXT_WRITE_BYTES", 1024)
+    monkeypatch.setattr(stream, "_DECRYPT_PIPELINE", pipeline)
+    plaintext = os.urandom(SIZE)
+    _, key = _new_header(KEY, stanzas=[STANZA], context={}, chunk_size=CHUNK, salt=SALT)
+    sealed = Recorder()
+    stream.encrypt_stream(io.BytesIO(plaintext), sealed, key, chunk_size=CHUNK, threads=threads)
+    assert sorted(sealed.sizes) == sorted([CHUNK + 16] * (SIZE // CHUNK) + [SIZE % CHUNK + 16])
+    opened = Recorder()
+    stream.decrypt_stream(io.BytesIO(sealed.getvalue()), opened, key, chunk_size=CHUNK, threads=threads)
+    assert opened.getvalue() == plaintext
+    assert opened.sizes == [min(1024, SIZE - at) for at in range(0, SIZE, 1024)]  # in order, each byte once
+
+
+def test_a_bad_chunk_still_releases_no_piece_of_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stream, "_PLAINTEXT_WRITE_BYTES", 1024)
+    plaintext = os.urandom(SIZE)
+    _, key = _new_header(KEY, stanzas=[STANZA], context={}, chunk_size=CHUNK, salt=SALT)
+    sealed = io.BytesIO()
+    stream.encrypt_stream(io.BytesIO(plaintext), sealed, key, chunk_size=CHUNK, threads=1)
+    damaged = bytearray(sealed.getvalue())
+    damaged[7 * (CHUNK + 16) + 100] ^= 1  # inside chunk 7
+    opened = Recorder()
+    with pytest.raises(IntegrityError):
+        stream.decrypt_stream(io.BytesIO(bytes(damaged)), opened, key, chunk_size=CHUNK, threads=1)
+    assert opened.getvalue() == plaintext[: 7 * CHUNK]  # the verified chunks before it, nothing of it

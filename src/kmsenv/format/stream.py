@@ -59,6 +59,14 @@ _MAX_SLOTS = 16
 #: The path stays tested with the flag on.
 _DECRYPT_PIPELINE = False
 _PAYLOAD_FAILED = "payload failed authentication"
+#: Largest piece of plaintext one write hands to the output when decrypting (chunks are cut into
+#: pieces of this size, which stay aligned as the chunk is). Why: the page cache gives a write
+#: folios as large as the write and as aligned as its offset, and on the test machine (Linux 6.18,
+#: ext4, 2-vCPU VM) writing whole 1 MiB-aligned chunks (1 MiB folios) was 2-10x slower, in CPU
+#: too, than the same bytes in 256 KiB pieces (docs/scale.md, "Benchmark: one 1 GiB file"); the
+#: extra syscalls cost ~3 ms per GiB. Ciphertext records are not page-aligned (a 16-byte tag
+#: each), so their writes get smaller folios anyway and are written whole.
+_PLAINTEXT_WRITE_BYTES = 256 * 1024
 
 
 def payload_size(plaintext_size: int, chunk_size: int) -> int:
@@ -112,9 +120,10 @@ def _fill(src: BinaryIO, view: memoryview) -> int:
     return got
 
 
-def _write_all(dst: BinaryIO, data: memoryview) -> None:
+def _write_all(dst: BinaryIO, data: memoryview, piece: int = 0) -> None:
+    """Write all of ``data``, in writes of at most ``piece`` bytes if ``piece``."""
     while data:
-        n = dst.write(data)
+        n = dst.write(data[:piece] if piece else data)
         if n is None:
             raise OutputError("the output is non-blocking and cannot take data now")
         data = data[n:]
@@ -157,7 +166,14 @@ def _records(src: BinaryIO, size: int, slot: _Slot) -> Iterator[tuple[int, bool,
 
 
 def _pump(
-    src: BinaryIO, dst: BinaryIO, size: int, job: _Job, threads: int, *, expected: int | None = None
+    src: BinaryIO,
+    dst: BinaryIO,
+    size: int,
+    job: _Job,
+    threads: int,
+    *,
+    expected: int | None = None,
+    piece: int = 0,
 ) -> tuple[int, int]:
     """Run ``job`` over every record of ``src`` and write the outputs to ``dst`` in order.
 
@@ -165,7 +181,8 @@ def _pump(
     that fits in one record then gets buffers of its own size rather than a whole record's: a
     4 KiB file does not pay for zeroing four 1 MiB buffers (measured: most of the time of a
     folder run of small files). It is only a hint: input that turns out longer is still read
-    correctly (the buffers grow). Returns (bytes read, bytes written).
+    correctly (the buffers grow). ``piece``: the largest single write (0: a whole output at once).
+    Returns (bytes read, bytes written).
     """
     if not isinstance(threads, int) or threads < 1:
         raise ValueError("threads must be a positive integer")
@@ -182,15 +199,15 @@ def _pump(
             if len(out.buf) < len(record) + CHUNK_TAG_SIZE:
                 out = _Slot(len(inp.buf) + CHUNK_TAG_SIZE)  # the input outgrew the hint
             n = job(counter, final, record, out.buf)
-            _write_all(dst, out.buf[:n])
+            _write_all(dst, out.buf[:n], piece)
             wb.wrote(n)
             read += len(record)
             written += n
         return read, written
-    return _pump_with_writer(src, dst, size, job)
+    return _pump_with_writer(src, dst, size, job, piece)
 
 
-def _pump_with_writer(src: BinaryIO, dst: BinaryIO, size: int, job: _Job) -> tuple[int, int]:
+def _pump_with_writer(src: BinaryIO, dst: BinaryIO, size: int, job: _Job, piece: int = 0) -> tuple[int, int]:
     """The two-thread pipeline: this thread reads and runs ``job``; a writer thread writes.
 
     Why not a pool of AEAD workers: cryptography 48 holds the GIL inside AES-GCM, so AEAD calls on
@@ -214,7 +231,7 @@ def _pump_with_writer(src: BinaryIO, dst: BinaryIO, size: int, job: _Job) -> tup
             slot, out = item
             if not failed:
                 try:
-                    _write_all(dst, slot.buf[:out])
+                    _write_all(dst, slot.buf[:out], piece)
                     wb.wrote(out)
                     written += out
                 except BaseException as exc:  # handed to the caller's thread below
@@ -308,4 +325,6 @@ def decrypt_stream(
         return n
 
     threads = threads if _DECRYPT_PIPELINE else _checked(threads)
-    return _pump(src, dst, chunk_size + CHUNK_TAG_SIZE, open_, threads, expected=expected_size)[1]
+    return _pump(
+        src, dst, chunk_size + CHUNK_TAG_SIZE, open_, threads, expected=expected_size, piece=_PLAINTEXT_WRITE_BYTES
+    )[1]
