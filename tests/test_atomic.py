@@ -475,3 +475,68 @@ def test_deferred_size_is_the_file_s_when_written_round_the_object(tmp_path: Pat
     assert tickets[0].size == 104
     group.close()
     assert (tmp_path / "out").read_bytes() == b"head" + bytes(96) + b"tail"
+
+
+def test_a_batch_is_committed_behind_the_worker_s_back(
+    tmp_path: Path, flavour: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GroupCommit.batch: the block ends without waiting for the disk; the commit thread fsyncs
+    the batch, only then links each file (through the batch's folder descriptor) and then leaves
+    the folder to the end-of-run sync; waiting for a ticket waits for exactly that."""
+    import threading
+
+    release = threading.Event()
+    real_fsync = os.fsync
+    synced: list[tuple[int, int]] = []
+
+    def slow_fsync(fd: int) -> None:
+        release.wait(10)
+        real_fsync(fd)
+        st = os.fstat(fd)
+        synced.append((st.st_dev, st.st_ino))
+
+    monkeypatch.setattr(_atomic.os, "fsync", slow_fsync)
+    group = _atomic.GroupCommit(max_pending=None)
+    with group.batch(str(tmp_path)) as tickets:
+        for i in range(3):
+            with group.deferring() as mine, AtomicOutput(tmp_path / f"f{i}") as f:
+                f.write(b"%d" % i)
+            tickets.extend(mine)
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(TEMP_SUFFIX)] == []  # the disk is "slow"
+    release.set()
+    for ticket in tickets:
+        ticket.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f0", "f1", "f2"]
+    assert all(_inode(tmp_path / f"f{i}") in synced for i in range(3))
+    group.close()
+    assert _inode(tmp_path) in synced  # the folder, at the end
+    assert [(tmp_path / f"f{i}").read_bytes() for i in range(3)] == [b"0", b"1", b"2"]
+
+
+def test_a_batch_s_failed_fsync_fails_its_files_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    group = _atomic.GroupCommit(max_pending=None)
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        if not stat.S_ISDIR(st.st_mode) and st.st_size == 2:  # the first batch's file
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(_atomic.os, "fsync", fsync)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with group.batch(str(tmp_path / "a")) as first:
+        with group.deferring() as mine, AtomicOutput(tmp_path / "a" / "x") as f:
+            f.write(b"xx")
+        first.extend(mine)
+    with group.batch(str(tmp_path / "b")) as second:
+        with group.deferring() as mine, AtomicOutput(tmp_path / "b" / "y") as f:
+            f.write(b"y")
+        second.extend(mine)
+    with pytest.raises(OutputError, match="Input/output error"):
+        first[0].wait()
+    second[0].wait()
+    group.close()
+    assert list((tmp_path / "a").iterdir()) == []
+    assert (tmp_path / "b" / "y").read_bytes() == b"y"

@@ -217,6 +217,7 @@ class GroupCommit:
         self._pending: dict[Ticket, int] = {}  # in arrival order
         self._pool: ThreadPoolExecutor | None = None
         self._landed = threading.Condition(threading.Lock())  # a ticket is done (Ticket._done)
+        self._committer: ThreadPoolExecutor | None = None  # batch() commits on this thread
 
     def __repr__(self) -> str:
         return f"GroupCommit(pending={len(self._pending)})"
@@ -253,6 +254,49 @@ class GroupCommit:
         finally:
             _FOLDER.reset(token)
             self.folders.adopt(fd)
+
+    @contextlib.contextmanager
+    def batch(self, folder: str) -> Iterator[list[Ticket]]:
+        """A worker's batch of outputs in ``folder``, committed behind its back.
+
+        As in :meth:`in_folder`, outputs created in the block directly in ``folder`` share one
+        open descriptor of it. Add the tickets of the block's outputs to the list it gets (each
+        :meth:`deferring` list); at its end (also on an exception) they go to the group's commit
+        thread, which fsyncs them together, links each into place and then leaves the folder to
+        :attr:`folders`. The worker goes on with its next batch at once instead of waiting for
+        the disk; whoever reports a file waits for its ticket (:meth:`Ticket.wait`).
+        """
+        tickets: list[Ticket] = []
+        try:
+            fd: int | None = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            fd = None  # each output opens it, and says why it cannot
+        token = None if fd is None else _FOLDER.set((folder, os.path.abspath(folder), fd))
+        try:
+            yield tickets
+        finally:
+            if token is not None:
+                _FOLDER.reset(token)
+            with self._lock:
+                taken = [(t, f) for t in tickets if (f := self._pending.pop(t, None)) is not None]
+                if self._committer is None:
+                    from concurrent.futures import ThreadPoolExecutor
+
+                    self._committer = ThreadPoolExecutor(1, thread_name_prefix="kmsenv-commit")
+                committer = self._committer
+            try:
+                committer.submit(self._commit_batch, taken, tickets, fd)
+            except RuntimeError:  # shut down already (close() ran): commit here
+                self._commit_batch(taken, tickets, fd)
+
+    def _commit_batch(self, taken: list[tuple[Ticket, int]], tickets: list[Ticket], dir_fd: int | None) -> None:
+        try:
+            self._land(taken)
+        finally:
+            for ticket in tickets:
+                self._await(ticket)
+            if dir_fd is not None:
+                self.folders.adopt(dir_fd)  # only now: the links above went through it
 
     def _add(self, output: AtomicOutput, fd: int, size: int) -> Ticket:
         ticket = Ticket(self, output, size)
@@ -328,6 +372,10 @@ class GroupCommit:
         try:
             self.flush()
         finally:
+            with self._lock:
+                committer, self._committer = self._committer, None
+            if committer is not None:
+                committer.shutdown()  # every batch handed over is in place (or failed) after this
             self.folders.sync()
             if self._pool is not None:
                 self._pool.shutdown()

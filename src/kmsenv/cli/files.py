@@ -509,12 +509,13 @@ def _run_tree(args: argparse.Namespace, work: _FileWork, *, decrypt: bool, cache
     Each worker takes a batch of up to :data:`_BATCH_FILES` files of one output folder (one
     task, not one per file: fewer hand-offs between threads, which take turns for the GIL) and
     writes each output complete but nameless (:class:`kmsenv._atomic.GroupCommit`), through one
-    open descriptor of the folder; at the end of the batch the same worker has the batch's
-    files fsynced together and only then links each into place. Each folder is fsynced once, at
-    the end. A file is reported (``ok`` or failed) once it is in place, and the exit code is
-    returned only after everything is durable.
+    open descriptor of the folder; at the end of the batch it hands the batch to the group's
+    commit thread, which fsyncs its files together and only then links each into place, while
+    the worker goes on with the next batch. Each folder is fsynced once, at the end. A file is
+    reported (``ok`` or failed) once it is in place, and the exit code is returned only after
+    everything is durable.
     """
-    from kmsenv._atomic import GroupCommit, Ticket
+    from kmsenv._atomic import GroupCommit
     from kmsenv._tree import check_roots, plan
 
     if not args.output:
@@ -527,9 +528,8 @@ def _run_tree(args: argparse.Namespace, work: _FileWork, *, decrypt: bool, cache
     # Files run side by side: the streams inside each run inline (a writer thread each would
     # only add hand-offs); a single job keeps the default engine.
     threads = None if jobs == 1 else 1
-    # Batches are committed by their own worker (GroupCommit.commit), never because some
-    # number of files waits: a batch's fsyncs then run together, and nobody waits for another
-    # worker's files.
+    # Batches are committed as batches (GroupCommit.batch), never because some number of files
+    # waits: a batch's fsyncs run together, and no worker waits for the disk.
     group = GroupCommit(max_pending=None)
     made: set[str] = set()  # output folders known to exist: one makedirs per folder, not per file
     with _metadata(args.metadata_output) as meta, kms_from_args(args) as kms, contextlib.ExitStack() as finish:
@@ -543,7 +543,7 @@ def _run_tree(args: argparse.Namespace, work: _FileWork, *, decrypt: bool, cache
             return Task(item.input, item.output, partial(work, kms, item.input, item.output, threads), size=item.size)
 
         def run_batch(batch: list[Task]) -> _Outcomes:
-            """One output folder's files, in order, committed together at the end (see above)."""
+            """One output folder's files, in order; the commit thread lands them (see above)."""
             folder = None if batch[0].output is None else os.path.dirname(batch[0].output)
             if folder is None:
                 return _run_each(batch)
@@ -554,9 +554,8 @@ def _run_tree(args: argparse.Namespace, work: _FileWork, *, decrypt: bool, cache
             except KmsenvError as exc:
                 return [exc] * len(batch), None
             outcomes: list[dict[str, Any] | KmsenvError] = []
-            tickets: list[Ticket] = []
             stop: BaseException | None = None
-            with group.in_folder(folder):
+            with group.batch(folder) as tickets:
                 try:
                     for t in batch:
                         with group.deferring() as mine:
@@ -566,13 +565,11 @@ def _run_tree(args: argparse.Namespace, work: _FileWork, *, decrypt: bool, cache
                                 outcomes.append(exc)
                                 continue
                             finally:
-                                tickets += mine  # a complete output lands whatever came after it
+                                tickets.extend(mine)  # a complete output lands whatever came after it
                         outcomes.append(_Landing(facts, mine) if mine else facts)
                 except BaseException as exc:  # re-raised by the main thread, after the files before it
                     stop = exc
-                finally:
-                    group.commit(tickets)  # in this worker: synced together, then linked
-            return [_land(outcome) for outcome in outcomes], stop
+            return outcomes, stop
 
         items = plan(args.input, args.output, decrypt=decrypt)
         rc = run_tasks(
@@ -866,6 +863,8 @@ def run_tasks(
 
     def finish(t: Task, outcome: dict[str, Any] | KmsenvError | None) -> None:
         record: dict[str, Any] = {"operation": operation, "input": t.input, "output": t.output}
+        if outcome is not None:
+            outcome = _land(outcome)  # reported once in place
         if outcome is None:
             note(f"skipped {_show(t.input)}: {t.skipped}")
             record.update(outcome="skipped", reason=t.skipped)
