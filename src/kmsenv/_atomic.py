@@ -202,20 +202,18 @@ class GroupCommit:
     """Durability for a run of many outputs, a batch at a time (see the module docstring).
 
     Thread-safe. A batch is made durable when ``max_pending`` files wait (None: never for that
-    reason), when a :class:`Ticket` is waited for, on :meth:`commit` of its tickets, or on
-    :meth:`close`: its files are fsynced together by up to ``sync_threads`` threads, then linked
-    in order. ``close`` (also after failures) finishes every pending file and syncs the folders;
-    call it before reporting success.
+    reason), when a :class:`Ticket` is waited for, on :meth:`commit` of its tickets, on the end
+    of a :meth:`batch` block, or on :meth:`close`: writeback of all its files is started, then
+    each is fsynced, then linked, in order. ``close`` (also after failures) finishes every
+    pending file and syncs the folders; call it before reporting success.
     """
 
-    def __init__(self, *, max_pending: int | None = 64, sync_threads: int = 8) -> None:
+    def __init__(self, *, max_pending: int | None = 64) -> None:
         self.folders = FolderSync()
         self._max_pending = max_pending
-        self._sync_threads = sync_threads
         self._lock = threading.Lock()  # guards _pending
         self._flushing = threading.Lock()  # one batch at a time, so links happen in batch order
         self._pending: dict[Ticket, int] = {}  # in arrival order
-        self._pool: ThreadPoolExecutor | None = None
         self._landed = threading.Condition(threading.Lock())  # a ticket is done (Ticket._done)
         self._committer: ThreadPoolExecutor | None = None  # batch() commits on this thread
 
@@ -354,21 +352,22 @@ class GroupCommit:
             ticket._finish(synced)
 
     def _sync(self, fds: list[int]) -> list[OSError | None]:
-        """fsync every descriptor; each one's error (or None), in order."""
-        if len(fds) == 1:
-            return [_fsync_result(fds[0])]
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
+        """fsync every descriptor; each one's error (or None), in order.
 
-            self._pool = ThreadPoolExecutor(self._sync_threads, thread_name_prefix="kmsenv-sync")
-        # Concurrent fsyncs: the journal commits them together instead of one by one.
-        # One job per thread, not per file: a future per file cost more than its fsync.
-        step = -(-len(fds) // self._sync_threads)
-        parts = self._pool.map(_fsync_results, [fds[i : i + step] for i in range(0, len(fds), step)])
-        return [result for part in parts for result in part]
+        Writeback of every file is started first (a hint each), then they are fsynced one
+        after the other in this thread: the first fsync waits for its data and the journal
+        commit that also carries the other files' new blocks, and each later one finds its
+        data already on its way. One thread did this as fast as eight threads fsyncing in
+        parallel did (a batch of 64 files of 6 KiB: 55-60 vs 63-77 us per file, ext4 on
+        virtio; docs/scale.md), without waking a pool of threads for every batch.
+        """
+        if len(fds) > 1:
+            for fd in fds:
+                start_writeback(fd, 0, 0)
+        return [_fsync_result(fd) for fd in fds]
 
     def close(self) -> None:
-        """Finish every pending file, sync the folders, stop the sync threads."""
+        """Finish every pending file, sync the folders, stop the commit thread."""
         try:
             self.flush()
         finally:
@@ -377,13 +376,6 @@ class GroupCommit:
             if committer is not None:
                 committer.shutdown()  # every batch handed over is in place (or failed) after this
             self.folders.sync()
-            if self._pool is not None:
-                self._pool.shutdown()
-                self._pool = None
-
-
-def _fsync_results(fds: list[int]) -> list[OSError | None]:
-    return [_fsync_result(fd) for fd in fds]
 
 
 def _fsync_result(fd: int) -> OSError | None:
