@@ -540,3 +540,22 @@ def test_a_batch_s_failed_fsync_fails_its_files_only(tmp_path: Path, monkeypatch
     group.close()
     assert list((tmp_path / "a").iterdir()) == []
     assert (tmp_path / "b" / "y").read_bytes() == b"y"
+
+
+def test_waiting_for_a_batch_s_file_leaves_other_files_alone(tmp_path: Path) -> None:
+    """Waiting for a file handed to the commit thread only waits: it does not flush files that
+    other workers are still writing (they are theirs to commit)."""
+    group = _atomic.GroupCommit(max_pending=None)
+    with group.deferring() as other, AtomicOutput(tmp_path / "other") as f:
+        f.write(b"still someone's batch")
+    with group.batch(str(tmp_path)) as tickets:
+        with group.deferring() as mine, AtomicOutput(tmp_path / "mine") as f:
+            f.write(b"mine")
+        tickets.extend(mine)
+    tickets[0].wait()
+    assert (tmp_path / "mine").read_bytes() == b"mine"
+    assert not (tmp_path / "other").exists()
+    assert "pending=1" in repr(group)
+    group.close()
+    assert (tmp_path / "other").read_bytes() == b"still someone's batch"
+    assert other[0].size == len(b"still someone's batch")

@@ -156,7 +156,7 @@ _DEFERRED: contextvars.ContextVar[FolderSync | None] = contextvars.ContextVar("k
 class Ticket:
     """One output waiting in a :class:`GroupCommit`: :meth:`wait` returns once it is in place."""
 
-    __slots__ = ("_done", "_group", "_output", "error", "size")
+    __slots__ = ("_done", "_group", "_output", "_queued", "error", "size")
 
     def __init__(self, group: GroupCommit, output: AtomicOutput, size: int) -> None:
         self._group = group
@@ -164,6 +164,7 @@ class Ticket:
         # A flag under the group's condition, not an Event per file (an Event is a lock and a
         # condition of its own: measurable over thousands of small files).
         self._done = False
+        self._queued = False  # handed to the commit thread (GroupCommit.batch): waiting is all there is to do
         self.error: OutputError | None = None
         #: The file's size when its writer finished (it is not reachable by name before wait()).
         self.size = size
@@ -178,7 +179,7 @@ class Ticket:
     def wait(self) -> None:
         """Block until the file is synced and linked (flushing the group if need be);
         OutputError if that failed (then nothing of it remains)."""
-        if not self._done:
+        if not self._done and not self._queued:
             self._group.flush()
         self._group._await(self)
         if self.error is not None:
@@ -277,6 +278,8 @@ class GroupCommit:
                 _FOLDER.reset(token)
             with self._lock:
                 taken = [(t, f) for t in tickets if (f := self._pending.pop(t, None)) is not None]
+                for t, _ in taken:
+                    t._queued = True  # so that waiting for it never flushes other workers' files
                 if self._committer is None:
                     from concurrent.futures import ThreadPoolExecutor
 
