@@ -106,6 +106,7 @@ class _WholeFile(io.BytesIO):
     def __init__(self, data: bytes, fd: int) -> None:
         super().__init__(data)
         self._fd = fd
+        self.size = len(data)
 
     def fileno(self) -> int:
         return self._fd
@@ -226,6 +227,8 @@ class _Prefixed(io.RawIOBase):
 
 def _remaining(src: BinaryIO) -> int | None:
     """Bytes left to read in ``src`` if it is a regular file, else None (a buffer-sizing hint)."""
+    if isinstance(src, _WholeFile):
+        return src.size - src.tell()  # known without an fstat
     try:
         st = os.fstat(src.fileno())
         return st.st_size - src.tell() if stat.S_ISREG(st.st_mode) else None
