@@ -19,11 +19,14 @@ complete, synced file); until ``sync`` a power cut may lose names, never leave p
 
 A :class:`GroupCommit` goes further for runs of many small files, where two fsyncs per file
 are most of the time: inside ``with group.deferring():`` an output's block ends with the file
-complete but still anonymous; the group makes a batch of such files durable together (their
-fsyncs run at once, which the filesystem journal merges into few commits), only then links each
-into place, and leaves the folders to its :class:`FolderSync`. Each output's :class:`Ticket`
-says when it is in place (or why not); :meth:`GroupCommit.close` finishes everything. Again a
-name only ever appears for a complete, synced file, and a killed run leaves no file behind.
+complete but still anonymous; the group makes a batch of such files durable together (writeback
+of all of them is started, then each is fsynced: the first journal commit carries the others'
+metadata), only then links each into place, and leaves the folders to its :class:`FolderSync`.
+A folder run's worker creates a batch's outputs through one descriptor of their folder and hands
+the batch to the group's commit thread (:meth:`GroupCommit.batch`). Each output's
+:class:`Ticket` says when it is in place (or why not); :meth:`GroupCommit.close` finishes
+everything. Again a name only ever appears for a complete, synced file, and a killed run leaves
+no file behind.
 
 Where ``O_TMPFILE`` is unsupported (some filesystems answer ``EOPNOTSUPP``/``EISDIR``; or
 ``/proc`` is not mounted, which linking an anonymous file needs), a named temporary file is used
@@ -316,12 +319,11 @@ class GroupCommit:
             self._land(batch)
 
     def commit(self, tickets: list[Ticket]) -> None:
-        """Make these files durable now, in this thread (their fsyncs still run together on
-        the sync threads), then link each into place; return once every one is finished.
+        """Make these files durable now, in this thread, then link each into place; return
+        once every one is finished (the synchronous form of :meth:`batch`'s hand-off).
 
-        What a worker of a folder run calls at the end of its batch, so that neither the
-        waiting for fsyncs nor the links go through another thread. Tickets another thread is
-        already finishing are waited for; errors stay on the tickets (see :meth:`Ticket.wait`).
+        Tickets another thread is already finishing are waited for; errors stay on the tickets
+        (see :meth:`Ticket.wait`).
         """
         with self._lock:
             batch = [(t, fd) for t in tickets if (fd := self._pending.pop(t, None)) is not None]
@@ -460,7 +462,7 @@ _GROUP: contextvars.ContextVar[tuple[GroupCommit, list[Ticket]] | None] = contex
     "kmsenv_group_commit", default=None
 )
 #: The folder a batch of outputs is being created in (as named, and absolute), and its open
-#: descriptor (GroupCommit.in_folder).
+#: descriptor (GroupCommit.batch, GroupCommit.in_folder).
 _FOLDER: contextvars.ContextVar[tuple[str, str, int] | None] = contextvars.ContextVar(
     "kmsenv_batch_folder", default=None
 )
@@ -565,7 +567,7 @@ class AtomicOutput:
         self.mode = mode
         self._file: BinaryIO | None = None
         self._dir_fd: int | None = None
-        self._own_dir = True  # False: the descriptor is a batch's (GroupCommit.in_folder), not ours to close
+        self._own_dir = True  # False: the descriptor is a batch's (GroupCommit.batch), not ours to close
         self._temp_name: str | None = None  # a name in the folder while one exists
 
     def __repr__(self) -> str:
