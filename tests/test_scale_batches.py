@@ -235,3 +235,18 @@ def test_the_walk_reports_file_sizes(tmp_path: Path) -> None:
         (tmp_path / "in" / name).write_bytes(b"x" * size)
     items = list(_tree.plan(str(tmp_path / "in"), str(tmp_path / "out"), decrypt=False))
     assert {os.path.relpath(i.input, tmp_path / "in"): i.size for i in items} == _tree_files
+
+
+@pytest.mark.parametrize(
+    ("soft", "jobs", "expected"),
+    [(20_000, 2, 4 * BATCH), (20_000, 4, 8 * BATCH), (1024, 256, 512), (256, 4, 128), (10, 4, BATCH)],
+)
+def test_files_in_flight_stay_within_the_descriptor_limit(
+    monkeypatch: pytest.MonkeyPatch, soft: int, jobs: int, expected: int
+) -> None:
+    """Two batches per worker, but never more files in flight (each may hold an open output)
+    than half the process's descriptor limit, and at least one batch."""
+    import resource
+
+    monkeypatch.setattr(resource, "getrlimit", lambda _which: (soft, resource.RLIM_INFINITY))
+    assert cli_files._window(jobs) == expected

@@ -583,7 +583,7 @@ def _run_tree(args: argparse.Namespace, work: _FileWork, *, decrypt: bool, cache
             verb=verb,
             jobs=jobs,
             progress=args.progress,
-            window=2 * jobs * _BATCH_FILES,
+            window=_window(jobs),
             batch_size=_BATCH_FILES,
             batch_bytes=_BATCH_BYTES,
             runner=run_batch,
@@ -608,6 +608,19 @@ def _raise(exc: KmsenvError) -> dict[str, Any]:
 _BATCH_FILES = 64
 #: ... and at most about this many input bytes: large files get a worker each, as before batches.
 _BATCH_BYTES = 4 << 20
+
+
+def _window(jobs: int) -> int:
+    """Files a folder run may have in flight: two batches per worker, but at most half the
+    process's descriptor limit (each file in flight may hold an open output until committed)."""
+    try:
+        import resource
+    except ImportError:  # not a Unix: assume the common default limit
+        budget = 512
+    else:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        budget = soft // 2 if soft != resource.RLIM_INFINITY else 1 << 16
+    return max(_BATCH_FILES, min(2 * jobs * _BATCH_FILES, budget))
 
 
 def _land(outcome: dict[str, Any] | KmsenvError) -> dict[str, Any] | KmsenvError:
