@@ -194,3 +194,54 @@ def test_first_use_race_never_exposes_a_half_written_root_key(tmp_path: Path, mo
             assert svc.decrypt(ciphertext_blob=str(results[name]))["Plaintext"] == name
     finally:
         svc.close()
+
+
+OPENERS = r"""
+import os, shutil, sys, time
+from pathlib import Path
+from kmsenv.kms.store import SqliteStore
+
+base, rounds, width = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+failed = 0
+for n in range(rounds):
+    folder = base / f"home-{n}"
+    folder.mkdir()
+    r, w = os.pipe()
+    pids = []
+    for _ in range(width):
+        pid = os.fork()
+        if pid == 0:  # wait for the pipe to close, then open the same new store as the others
+            os.close(w)
+            os.read(r, 1)
+            try:
+                SqliteStore(folder / "kms.db").close()
+            except Exception as exc:
+                print(type(exc).__name__, exc, file=sys.stderr, flush=True)
+                os._exit(1)
+            os._exit(0)
+        pids.append(pid)
+    os.close(r)
+    time.sleep(0.02)
+    os.close(w)
+    failed += sum(1 for pid in pids if os.waitpid(pid, 0)[1] != 0)
+    shutil.rmtree(folder)
+print(failed)
+"""
+
+
+def test_processes_opening_one_new_store_at_the_same_instant_all_succeed(tmp_path: Path) -> None:
+    """Released by one pipe close, 8 processes open the same brand-new store file, 40 times over.
+
+    Without the opening lock (kms/store.py ``_opening``) about one round in six had a process
+    fail with "database is locked": the file is in rollback-journal mode until one of them
+    switches it to WAL, and SQLite refuses a possibly deadlocking lock upgrade there at once.
+    """
+    proc = subprocess.run(
+        [sys.executable, "-c", OPENERS, str(tmp_path), "40", "8"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout) == 0, proc.stderr
