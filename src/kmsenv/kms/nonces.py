@@ -42,14 +42,21 @@ class NonceStore:
         # flock is per open file: each store (each process) opens its own; threads share _lock.
         self._gate = os.open(path.with_name(path.stem + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        self._conn.execute("PRAGMA busy_timeout = 30000")
-        self._conn.execute("PRAGMA journal_mode = WAL")
-        self._conn.execute("PRAGMA synchronous = NORMAL")
-        self._conn.execute(
-            "CREATE TABLE IF NOT EXISTS nonces (access_key_id TEXT NOT NULL, nonce TEXT NOT NULL, "
-            "expires_at INTEGER NOT NULL, PRIMARY KEY (access_key_id, nonce))"
-        )
-        self._conn.execute("CREATE INDEX IF NOT EXISTS nonces_expiry ON nonces(expires_at)")
+        # Under the gate: workers starting together on a new file would otherwise meet in its
+        # rollback-journal mode (before WAL), where SQLite fails a lock upgrade at once
+        # ("database is locked") instead of waiting (as for the KMS store: kms/store.py _opening).
+        fcntl.flock(self._gate, fcntl.LOCK_EX)
+        try:
+            self._conn.execute("PRAGMA busy_timeout = 30000")
+            self._conn.execute("PRAGMA journal_mode = WAL")
+            self._conn.execute("PRAGMA synchronous = NORMAL")
+            self._conn.execute(
+                "CREATE TABLE IF NOT EXISTS nonces (access_key_id TEXT NOT NULL, nonce TEXT NOT NULL, "
+                "expires_at INTEGER NOT NULL, PRIMARY KEY (access_key_id, nonce))"
+            )
+            self._conn.execute("CREATE INDEX IF NOT EXISTS nonces_expiry ON nonces(expires_at)")
+        finally:
+            fcntl.flock(self._gate, fcntl.LOCK_UN)
         self._lock = threading.Lock()
         self._last_purge = 0.0
 
