@@ -22,7 +22,7 @@ kmsenv figures are whole CLI processes (start-up included); every kmsenv output 
 load average is printed before and after each round: nothing is asserted (shared, noisy
 machines). Results also go to --out JSON.
 
-Usage: python bench/bench_scale.py [--files 2000] [--size 4096] [--jobs 4] [--rounds 3] [--settle 2] [--esdk PYTHON]
+Usage: python bench/bench_scale.py [--files 2000] [--size 4096] [--jobs N] [--rounds 3] [--settle 2] [--esdk PYTHON]
                                    [--dir DIR] [--out FILE]
 """
 
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=2000)
     parser.add_argument("--size", type=int, default=4096)
-    parser.add_argument("--jobs", type=int, default=4)
+    parser.add_argument("--jobs", type=int, default=None, help="kmsenv --jobs (default: kmsenv's own default)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds of each variant; medians (default 3)")
     parser.add_argument("--per-process-sample", type=int, default=20, help="files timed one process each")
     parser.add_argument(
@@ -246,7 +246,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         times.setdefault(name, []).append(seconds)
         extra.setdefault(name, {}).update(facts)
 
-    jobs = ["--jobs", str(args.jobs)]
+    jobs = ["--jobs", str(args.jobs)] if args.jobs else []
     (work / "empty").mkdir()
 
     def empty_run(round_: int) -> list[str]:
