@@ -1,14 +1,19 @@
 """Helpers shared by the file-encryption tests (envelope, legacy, CLI): constants, file probes,
-and the reference document's sample code ported to Python 3 (to produce legacy files)."""
+the reference document's sample code ported to Python 3 (to produce legacy files), and a fixed
+file key for the chunk-engine tests."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import io
 from pathlib import Path
 
 from kmsenv import _crypto
 from kmsenv.clients import EmbeddedKms
+from kmsenv.format import stream
+from kmsenv.format.header import Header, KeyStanza
+from kmsenv.format.keys import FileKey, _new_header
 
 ALIAS = "alias/Apollo/WorkKey"
 CHUNK = 4096  # small chunks: multi-chunk files stay small
@@ -72,3 +77,25 @@ def sample_encrypt(kms: EmbeddedKms, folder: Path, content: bytes = SALES) -> Pa
     LocalEncrypt(datakey[0], datakey[1], in_file, out_file)
     in_file.unlink()
     return out_file
+
+
+# -- a fixed file key, for tests of the chunk engines that need no KMS -----------------------
+
+FIXED_KEY = bytes(range(32))
+FIXED_SALT = bytes(32)
+FIXED_STANZA = KeyStanza(provider="acs-kms", key_arn="acs:kms:r:1:key/k", key_version_id="v", ciphertext_blob=b"b")
+
+
+def fixed_header() -> tuple[Header, FileKey]:
+    """A v2 header and its file key from FIXED_KEY and FIXED_SALT: the same bytes every time."""
+    return _new_header(FIXED_KEY, stanzas=[FIXED_STANZA], context={}, chunk_size=CHUNK, salt=FIXED_SALT)
+
+
+def stream_encrypted(plaintext: bytes) -> bytes:
+    """The reference bytes of ``plaintext`` under :func:`fixed_header`: the stream engine into a
+    BytesIO (no descriptor: no writeback hint, no preallocation)."""
+    header, key = fixed_header()
+    out = io.BytesIO()
+    out.write(header.encode())
+    stream.encrypt_stream(io.BytesIO(plaintext), out, key, chunk_size=CHUNK, threads=1)
+    return out.getvalue()

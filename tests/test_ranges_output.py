@@ -22,18 +22,13 @@ from typing import Any
 
 import pytest
 
-from files_helpers import CHUNK
+from files_helpers import CHUNK, fixed_header, stream_encrypted
 from kmsenv import envelope
 from kmsenv.clients import EmbeddedKms
 from kmsenv.errors import IntegrityError, OutputError
 from kmsenv.format import random_access, stream
-from kmsenv.format.header import KeyStanza
-from kmsenv.format.keys import _new_header
 from kmsenv.format.random_access import Layout, decrypt_ranges, encrypt_ranges
 
-KEY = bytes(range(32))
-SALT = bytes(32)
-STANZA = KeyStanza(provider="acs-kms", key_arn="acs:kms:r:1:key/k", key_version_id="v", ciphertext_blob=b"b")
 SIZE = 40 * CHUNK + 7
 Call = tuple[int, int, int, int]
 
@@ -61,16 +56,8 @@ def recording(monkeypatch: pytest.MonkeyPatch, result: int = 0, err: int = 0) ->
     return seen
 
 
-def in_memory(plaintext: bytes) -> bytes:
-    header, key = _new_header(KEY, stanzas=[STANZA], context={}, chunk_size=CHUNK, salt=SALT)
-    out = io.BytesIO()
-    out.write(header.encode())
-    stream.encrypt_stream(io.BytesIO(plaintext), out, key, chunk_size=CHUNK, threads=1)
-    return out.getvalue()
-
-
 def encrypt(tmp_path: Path, plaintext: bytes) -> tuple[bytes, int, int]:
-    header, key = _new_header(KEY, stanzas=[STANZA], context={}, chunk_size=CHUNK, salt=SALT)
+    header, key = fixed_header()
     src, dst = tmp_path / "in", tmp_path / "out.enc"
     src.write_bytes(plaintext)
     with src.open("rb") as fin, dst.open("wb") as fout:
@@ -82,7 +69,7 @@ def encrypt(tmp_path: Path, plaintext: bytes) -> tuple[bytes, int, int]:
 
 
 def decrypt(tmp_path: Path, file: bytes) -> tuple[bytes, int]:
-    header, key = _new_header(KEY, stanzas=[STANZA], context={}, chunk_size=CHUNK, salt=SALT)
+    header, key = fixed_header()
     enc, dst = tmp_path / "in.enc", tmp_path / "out"
     enc.write_bytes(file)
     with enc.open("rb") as fin, dst.open("wb") as fout:
@@ -98,7 +85,7 @@ def test_encrypt_preallocates_the_final_size_first(
     calls = recording(monkeypatch)
     plaintext = os.urandom(SIZE)
     out, fd, header_size = encrypt(tmp_path, plaintext)
-    assert out == in_memory(plaintext)
+    assert out == stream_encrypted(plaintext)
     # One call, mode 0 (allocate and extend), from 0 to the final size; only the header before it.
     assert calls == [(fd, 0, 0, len(out)), (fd, -1, header_size, 0)]
 
@@ -107,7 +94,7 @@ def test_decrypt_preallocates_the_plaintext_size_first(
     tmp_path: Path, small_threshold: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     plaintext = os.urandom(SIZE)
-    file = in_memory(plaintext)
+    file = stream_encrypted(plaintext)
     calls = recording(monkeypatch)
     out, fd = decrypt(tmp_path, file)
     assert out == plaintext
@@ -117,8 +104,8 @@ def test_decrypt_preallocates_the_plaintext_size_first(
 def test_small_outputs_are_not_preallocated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = recording(monkeypatch)
     plaintext = os.urandom(SIZE)  # below the real 8 MiB threshold
-    assert encrypt(tmp_path, plaintext)[0] == in_memory(plaintext)
-    assert decrypt(tmp_path, in_memory(plaintext))[0] == plaintext
+    assert encrypt(tmp_path, plaintext)[0] == stream_encrypted(plaintext)
+    assert decrypt(tmp_path, stream_encrypted(plaintext))[0] == plaintext
     assert calls == []
 
 
@@ -128,8 +115,8 @@ def test_a_refused_fallocate_is_ignored(
 ) -> None:
     calls = recording(monkeypatch, result=-1, err=err)
     plaintext = os.urandom(SIZE)
-    assert encrypt(tmp_path, plaintext)[0] == in_memory(plaintext)
-    assert decrypt(tmp_path, in_memory(plaintext))[0] == plaintext
+    assert encrypt(tmp_path, plaintext)[0] == stream_encrypted(plaintext)
+    assert decrypt(tmp_path, stream_encrypted(plaintext))[0] == plaintext
     assert len(calls) == 4  # it was asked, twice, and its failure changed nothing
 
 
@@ -141,8 +128,8 @@ def test_no_fallocate_on_this_system_is_a_no_op(
     try:
         assert random_access._libc_fallocate() is None
         plaintext = os.urandom(SIZE)
-        assert encrypt(tmp_path, plaintext)[0] == in_memory(plaintext)
-        assert decrypt(tmp_path, in_memory(plaintext))[0] == plaintext
+        assert encrypt(tmp_path, plaintext)[0] == stream_encrypted(plaintext)
+        assert decrypt(tmp_path, stream_encrypted(plaintext))[0] == plaintext
     finally:
         random_access._libc_fallocate.cache_clear()
 
@@ -151,7 +138,7 @@ def test_the_real_fallocate_keeps_the_bytes(tmp_path: Path, small_threshold: Non
     assert random_access._libc_fallocate() is not None  # Linux with glibc: the real call runs
     plaintext = os.urandom(SIZE)
     out, _, _ = encrypt(tmp_path, plaintext)
-    assert out == in_memory(plaintext)
+    assert out == stream_encrypted(plaintext)
     assert decrypt(tmp_path, out)[0] == plaintext
 
 
@@ -186,7 +173,7 @@ def test_no_room_through_the_files_api_is_an_output_error_and_leaves_nothing(
 def test_decrypted_chunks_are_written_in_aligned_pieces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(random_access, "_WRITE_BYTES", 1024)  # 4 pieces per 4 KiB chunk
     plaintext = os.urandom(SIZE)
-    file = in_memory(plaintext)
+    file = stream_encrypted(plaintext)
     writes: list[tuple[int, int]] = []
     real = os.pwrite
 
@@ -211,7 +198,7 @@ def test_encrypted_records_are_written_whole(tmp_path: Path, monkeypatch: pytest
 
     monkeypatch.setattr(os, "pwrite", recording_pwrite)
     plaintext = os.urandom(SIZE)
-    assert encrypt(tmp_path, plaintext)[0] == in_memory(plaintext)
+    assert encrypt(tmp_path, plaintext)[0] == stream_encrypted(plaintext)
     assert sorted(writes) == sorted([CHUNK + 16] * (SIZE // CHUNK) + [SIZE % CHUNK + 16])
 
 
@@ -234,7 +221,7 @@ def test_the_stream_decrypts_in_pieces_and_encrypts_whole_records(
     monkeypatch.setattr(stream, "_PLAINTEXT_WRITE_BYTES", 1024)
     monkeypatch.setattr(stream, "_DECRYPT_PIPELINE", pipeline)
     plaintext = os.urandom(SIZE)
-    _, key = _new_header(KEY, stanzas=[STANZA], context={}, chunk_size=CHUNK, salt=SALT)
+    _, key = fixed_header()
     sealed = Recorder()
     stream.encrypt_stream(io.BytesIO(plaintext), sealed, key, chunk_size=CHUNK, threads=threads)
     assert sorted(sealed.sizes) == sorted([CHUNK + 16] * (SIZE // CHUNK) + [SIZE % CHUNK + 16])
@@ -247,7 +234,7 @@ def test_the_stream_decrypts_in_pieces_and_encrypts_whole_records(
 def test_a_bad_chunk_still_releases_no_piece_of_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(stream, "_PLAINTEXT_WRITE_BYTES", 1024)
     plaintext = os.urandom(SIZE)
-    _, key = _new_header(KEY, stanzas=[STANZA], context={}, chunk_size=CHUNK, salt=SALT)
+    _, key = fixed_header()
     sealed = io.BytesIO()
     stream.encrypt_stream(io.BytesIO(plaintext), sealed, key, chunk_size=CHUNK, threads=1)
     damaged = bytearray(sealed.getvalue())

@@ -8,22 +8,16 @@ ignored. (Whether it saves time is the benchmark's business: docs/scale.md.)
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
 import pytest
 
-from files_helpers import CHUNK
+from files_helpers import CHUNK, fixed_header, stream_encrypted
 from kmsenv import _atomic
 from kmsenv.format import random_access, stream
-from kmsenv.format.header import KeyStanza
-from kmsenv.format.keys import _new_header
 from kmsenv.format.random_access import Layout, decrypt_ranges, encrypt_ranges
 
-KEY = bytes(range(32))
-SALT = bytes(32)
-STANZA = KeyStanza(provider="acs-kms", key_arn="acs:kms:r:1:key/k", key_version_id="v", ciphertext_blob=b"b")
 SIZE = 40 * CHUNK + 7
 Call = tuple[int, int, int, int]
 
@@ -48,7 +42,7 @@ def calls(monkeypatch: pytest.MonkeyPatch, small_regions: None) -> list[Call]:
 
 
 def encrypted_by_stream(tmp_path: Path, plaintext: bytes, threads: int) -> tuple[bytes, int]:
-    header, key = _new_header(KEY, stanzas=[STANZA], context={}, chunk_size=CHUNK, salt=SALT)
+    header, key = fixed_header()
     src, dst = tmp_path / "in", tmp_path / "out.enc"
     src.write_bytes(plaintext)
     with src.open("rb") as fin, dst.open("wb") as fout:
@@ -59,7 +53,7 @@ def encrypted_by_stream(tmp_path: Path, plaintext: bytes, threads: int) -> tuple
 
 
 def encrypted_by_ranges(tmp_path: Path, plaintext: bytes, threads: int) -> tuple[bytes, int, int]:
-    header, key = _new_header(KEY, stanzas=[STANZA], context={}, chunk_size=CHUNK, salt=SALT)
+    header, key = fixed_header()
     src, dst = tmp_path / "in", tmp_path / "out.enc"
     src.write_bytes(plaintext)
     with src.open("rb") as fin, dst.open("wb") as fout:
@@ -69,15 +63,6 @@ def encrypted_by_ranges(tmp_path: Path, plaintext: bytes, threads: int) -> tuple
         encrypt_ranges(fin.fileno(), fout.fileno(), key, layout, threads=threads)
         fd = fout.fileno()
     return dst.read_bytes(), fd, header.size
-
-
-def in_memory(plaintext: bytes) -> bytes:
-    """The reference bytes: the stream into a BytesIO, which has no descriptor to hint."""
-    header, key = _new_header(KEY, stanzas=[STANZA], context={}, chunk_size=CHUNK, salt=SALT)
-    out = io.BytesIO()
-    out.write(header.encode())
-    stream.encrypt_stream(io.BytesIO(plaintext), out, key, chunk_size=CHUNK, threads=1)
-    return out.getvalue()
 
 
 def covered(hints: list[Call], size: int) -> list[tuple[int, int]]:
@@ -98,7 +83,7 @@ def test_the_stream_hints_a_large_output_and_writes_the_same_bytes(
 ) -> None:
     plaintext = os.urandom(SIZE)
     out, fd = encrypted_by_stream(tmp_path, plaintext, threads)
-    assert out == in_memory(plaintext)
+    assert out == stream_encrypted(plaintext)
     assert len(calls) >= 9  # 40 chunks, one hint per 4 written
     assert {(c[0], c[3]) for c in calls} == {(fd, 2)}  # the output's fd, SYNC_FILE_RANGE_WRITE
     offsets = [c[1] for c in calls]
@@ -111,7 +96,7 @@ def test_ranges_hint_every_completed_range_and_write_the_same_bytes(
 ) -> None:
     plaintext = os.urandom(SIZE)
     out, fd, header_size = encrypted_by_ranges(tmp_path, plaintext, threads)
-    assert out == in_memory(plaintext)
+    assert out == stream_encrypted(plaintext)
     assert {(c[0], c[3]) for c in calls} == {(fd, 2)}
     assert len(calls) == 11  # ceil(41 chunks / 4): one hint per range, none twice
     assert covered(calls, len(out)) == [(header_size, len(out))]
@@ -120,8 +105,8 @@ def test_ranges_hint_every_completed_range_and_write_the_same_bytes(
 def test_decrypt_ranges_hint_the_plaintext_regions(tmp_path: Path, calls: list[Call]) -> None:
     plaintext = os.urandom(SIZE)
     enc = tmp_path / "in.enc"
-    enc.write_bytes(in_memory(plaintext))
-    header, key = _new_header(KEY, stanzas=[STANZA], context={}, chunk_size=CHUNK, salt=SALT)
+    enc.write_bytes(stream_encrypted(plaintext))
+    header, key = fixed_header()
     dst = tmp_path / "out"
     with enc.open("rb") as fin, dst.open("wb") as fout:
         layout = Layout.of_file(header.size, CHUNK, enc.stat().st_size)
@@ -132,8 +117,8 @@ def test_decrypt_ranges_hint_the_plaintext_regions(tmp_path: Path, calls: list[C
 
 def test_small_outputs_are_not_hinted(tmp_path: Path, calls: list[Call]) -> None:
     plaintext = os.urandom(3 * CHUNK)
-    assert encrypted_by_stream(tmp_path, plaintext, 1)[0] == in_memory(plaintext)
-    assert encrypted_by_ranges(tmp_path, plaintext, 2)[0] == in_memory(plaintext)
+    assert encrypted_by_stream(tmp_path, plaintext, 1)[0] == stream_encrypted(plaintext)
+    assert encrypted_by_ranges(tmp_path, plaintext, 2)[0] == stream_encrypted(plaintext)
     assert calls == []
 
 
@@ -145,7 +130,7 @@ def test_a_failing_syscall_is_ignored(tmp_path: Path, small_regions: None, monke
     failing.count = 0  # type: ignore[attr-defined]
     monkeypatch.setattr(_atomic, "_libc_sync_file_range", lambda: failing)
     plaintext = os.urandom(SIZE)
-    assert encrypted_by_stream(tmp_path, plaintext, 2)[0] == in_memory(plaintext)
+    assert encrypted_by_stream(tmp_path, plaintext, 2)[0] == stream_encrypted(plaintext)
     assert failing.count >= 9  # type: ignore[attr-defined]
 
 
@@ -165,7 +150,7 @@ def test_no_sync_file_range_is_a_no_op(tmp_path: Path, small_regions: None, monk
     try:
         assert _atomic._libc_sync_file_range() is None
         plaintext = os.urandom(SIZE)
-        assert encrypted_by_ranges(tmp_path, plaintext, 2)[0] == in_memory(plaintext)
+        assert encrypted_by_ranges(tmp_path, plaintext, 2)[0] == stream_encrypted(plaintext)
     finally:
         _atomic._libc_sync_file_range.cache_clear()
 
@@ -173,5 +158,5 @@ def test_no_sync_file_range_is_a_no_op(tmp_path: Path, small_regions: None, monk
 def test_the_real_hint_on_a_file_keeps_the_bytes(tmp_path: Path, small_regions: None) -> None:
     assert _atomic._libc_sync_file_range() is not None  # Linux with glibc: the real call runs
     plaintext = os.urandom(SIZE)
-    assert encrypted_by_stream(tmp_path, plaintext, 1)[0] == in_memory(plaintext)
-    assert encrypted_by_ranges(tmp_path, plaintext, 2)[0] == in_memory(plaintext)
+    assert encrypted_by_stream(tmp_path, plaintext, 1)[0] == stream_encrypted(plaintext)
+    assert encrypted_by_ranges(tmp_path, plaintext, 2)[0] == stream_encrypted(plaintext)
