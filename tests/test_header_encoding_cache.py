@@ -48,3 +48,40 @@ def test_stanza_sections_of_tuples_and_lists_agree() -> None:
     assert two[0] == 2 and two.startswith(b"\x02" + one[1:]) and two.endswith(b"\x02" * 8)
     with pytest.raises(TypeError):
         H.stanza_section((STANZA, "not a stanza"))  # type: ignore[arg-type]
+
+
+def _v2(stanzas: tuple[H.KeyStanza, ...], tag: bytes = b"\x11" * 32) -> H.Header:
+    size = H.slot_size_for(len(H.stanza_section(stanzas)))
+    return H.Header(
+        suite=1, chunk_size=4096, salt=b"\x01" * 32, context={"a": "1"}, stanzas=stanzas, commitment=b"\x02" * 32,
+        tag=tag, version=2, slot_size=size, generation=1, active=0, standby=H.zero_slot(size),
+    )  # fmt: skip
+
+
+def test_with_tag_equals_the_header_built_with_that_tag() -> None:
+    draft = _v2((STANZA,))
+    sealed = draft.with_tag(b"\x33" * 32)
+    assert sealed == _v2((STANZA,), tag=b"\x33" * 32)
+    assert sealed.encode() == _v2((STANZA,), tag=b"\x33" * 32).encode()
+    assert draft.tag == b"\x11" * 32  # the draft is unchanged
+    with pytest.raises(FormatError):
+        draft.with_tag(b"\x33" * 31)
+
+
+def test_slot_parses_follow_the_bytes_not_an_earlier_file() -> None:
+    other = H.KeyStanza("kmsenv-embedded", "acs:kms:cn-hangzhou:1:key/k", "v1", b"\x09" * 40)  # same length
+    for stanzas in ((STANZA,), (other,), (STANZA,)):
+        parsed, _ = H.parse_header(_v2(stanzas).encode())
+        assert parsed.stanzas == stanzas
+
+
+def test_a_slot_with_nonzero_padding_fails_every_time() -> None:
+    header = _v2((STANZA,))
+    raw = bytearray(header.encode())
+    start = header.slot_offset(0)
+    raw[start + header.slot_size - 49] = 1  # the last padding byte, just before the tag
+    body = bytes(raw[start : start + header.slot_size - H.CHECK_SIZE])
+    raw[start + header.slot_size - H.CHECK_SIZE : start + header.slot_size] = H.slot_check(body)
+    for _ in range(3):
+        with pytest.raises(FormatError, match="padding"):
+            H.parse_header(bytes(raw))

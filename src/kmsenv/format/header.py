@@ -241,6 +241,23 @@ class Header:
         slots = (self.standby, active) if self.active == 1 else (active, self.standby)
         return b"".join((self.immutable_bytes(), *slots))
 
+    def with_tag(self, tag: bytes) -> Header:
+        """This header with ``tag`` as its tag (v2: the selected slot's), every other field shared.
+
+        What sealing a header needs: the tag is computed over a draft's other fields, so a draft
+        and its sealed copy differ only in the tag. Only the tag is checked here: every other
+        field is this header's, already validated when it was built, and no rule involves the
+        tag's value; building the copy through ``__init__`` would validate and encode it all again
+        (about a third of a small file's header CPU).
+        """
+        tag = bytes(tag)
+        _check_size("header tag", tag, TAG_SIZE)
+        sealed: Header = object.__new__(type(self))
+        for name in Header.__slots__:
+            object.__setattr__(sealed, name, getattr(self, name))
+        object.__setattr__(sealed, "tag", tag)
+        return sealed
+
     def stanza_section(self) -> bytes:
         """u8 count ‖ stanzas: what a v2 slot holds after its generation."""
         return stanza_section(self.stanzas)
@@ -623,12 +640,22 @@ def _parse_slot(slot: bytes) -> tuple[int, tuple[KeyStanza, ...], bytes] | None:
     generation = int.from_bytes(slot[:GENERATION_SIZE], "big")
     if generation == 0:
         raise FormatError("a wrapped-key slot has generation 0")
-    r = _Reader(body[:-TAG_SIZE], GENERATION_SIZE)
+    return generation, _parse_slot_stanzas(body[GENERATION_SIZE:-TAG_SIZE]), body[-TAG_SIZE:]
+
+
+# Memoised by value, like the encodings above: every file of a folder run under one cached data key
+# has byte-identical slot contents between generation and tag (same stanzas, same padding), and
+# parsing them is most of a small file's header parse. The key is the exact bytes, so a cached
+# result is what parsing them again would return; the stanzas hold nothing secret and are
+# immutable; errors are never cached, so a malformed slot fails every time.
+@functools.lru_cache(maxsize=_ENCODING_CACHE_SIZE)
+def _parse_slot_stanzas(section_and_padding: bytes) -> tuple[KeyStanza, ...]:
+    r = _Reader(section_and_padding, 0)
     stanzas = _parse_stanzas(r)
     # Padding MUST be zero: one encoding per slot, and no hidden bytes an attacker could vary.
     if any(r.take(r.remaining, "padding")):
         raise FormatError("the padding after a slot's wrapped keys is not zero")
-    return generation, stanzas, body[-TAG_SIZE:]
+    return stanzas
 
 
 def _parse_context(r: _Reader) -> Iterator[tuple[str, str]]:

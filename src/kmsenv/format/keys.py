@@ -19,6 +19,7 @@ tags of the two versions cannot be swapped because each covers the magic with it
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
@@ -49,6 +50,16 @@ _PURPOSES = (b"payload", b"commitment", b"header-mac")
 _HEADER_FAILED = "header failed authentication: the file was modified or the data key is wrong"
 
 
+# Memoised: every file of a folder run has the same suite, chunk size and context, so the same
+# three HKDF info strings. They are public (built from header fields); the salt, the only per-file
+# KDF input besides the data key, is not part of them.
+@functools.lru_cache(maxsize=32)
+def _kdf_infos(suite: int, log2: int, context_section: bytes) -> tuple[bytes, ...]:
+    """The HKDF info of each purpose: label ‖ 0 ‖ purpose ‖ 0 ‖ suite ‖ chunk_log2 ‖ context section."""
+    binding = b"".join((suite.to_bytes(2, "big"), bytes([log2]), context_section))
+    return tuple(KDF_LABEL + b"\x00" + purpose + b"\x00" + binding for purpose in _PURPOSES)
+
+
 class FileKey:
     """The keys derived for one file. A handle: its repr shows nothing and it refuses pickling.
 
@@ -74,10 +85,9 @@ class FileKey:
             raise FormatError(f"unsupported algorithm suite {suite}")
         if not isinstance(data_key, bytes | bytearray) or len(data_key) != DATA_KEY_SIZE:
             raise FormatError(f"suite {suite} needs a {DATA_KEY_SIZE}-byte data key")
-        binding = b"".join((suite.to_bytes(2, "big"), bytes([chunk_log2(chunk_size)]), encode_context(context)))
-        payload, commitment, mac_key = (bytearray(32) for _ in _PURPOSES)
-        for purpose, out in zip(_PURPOSES, (payload, commitment, mac_key), strict=True):
-            info = KDF_LABEL + b"\x00" + purpose + b"\x00" + binding
+        payload, commitment, mac_key = bytearray(32), bytearray(32), bytearray(32)
+        infos = _kdf_infos(suite, chunk_log2(chunk_size), encode_context(context))
+        for info, out in zip(infos, (payload, commitment, mac_key), strict=True):
             _crypto.hkdf_sha256_into(data_key, salt=salt, info=info, out=out)
         try:
             self._aead: _crypto.AesGcm | None = _crypto.AesGcm(payload)
@@ -136,7 +146,7 @@ class FileKey:
 
 def _seal(draft: Header, file_key: FileKey) -> Header:
     """``draft`` with its tag computed (the tag field is excluded from what it covers)."""
-    return dataclasses.replace(draft, tag=file_key.tag(draft))
+    return draft.with_tag(file_key.tag(draft))
 
 
 def new_header(
@@ -171,6 +181,7 @@ def _new_header(
 ) -> tuple[Header, FileKey]:
     """:func:`new_header` with the salt (and version) passed in: the deterministic seam for tests."""
     suite = SUITE_AES256GCM_HKDF_SHA256
+    stanzas = tuple(stanzas)  # a tuple of stanzas hits the header codec's encoding cache; a list does not
     file_key = FileKey(data_key, suite=suite, chunk_size=chunk_size, context=context, salt=salt)
     fields: dict[str, Any] = {}
     if version == 2:
@@ -181,7 +192,7 @@ def _new_header(
         chunk_size=chunk_size,
         salt=salt,
         context=context,
-        stanzas=tuple(stanzas),
+        stanzas=stanzas,
         commitment=file_key.commitment(),
         tag=bytes(32),
         **fields,
