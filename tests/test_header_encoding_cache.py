@@ -85,3 +85,31 @@ def test_a_slot_with_nonzero_padding_fails_every_time() -> None:
     for _ in range(3):
         with pytest.raises(FormatError, match="padding"):
             H.parse_header(bytes(raw))
+
+
+def _with_context(context: dict[str, str]) -> bytes:
+    draft = _v2((STANZA,))
+    return H.Header(
+        suite=1, chunk_size=4096, salt=draft.salt, context=context, stanzas=(STANZA,), commitment=draft.commitment,
+        tag=draft.tag, version=2, slot_size=draft.slot_size, generation=1, active=0, standby=draft.standby,
+    ).encode()  # fmt: skip
+
+
+def test_context_parses_follow_the_bytes_across_more_contexts_than_are_remembered() -> None:
+    contexts = [{"a": str(i)} for i in range(6)] + [{"a": "0", "b": ""}, {}, {"a": "0"}]
+    for _ in range(2):
+        for context in contexts:
+            parsed, _ = H.parse_header(_with_context(context))
+            assert dict(parsed.context) == context
+            assert parsed.stanzas == (STANZA,)
+
+
+def test_a_malformed_context_fails_every_time_after_a_valid_one_like_it() -> None:
+    good = _with_context({"a": "1", "b": "2"})
+    H.parse_header(good)
+    swapped = good.replace(b"\x00\x01a\x00\x011\x00\x01b\x00\x012", b"\x00\x01b\x00\x012\x00\x01a\x00\x011")
+    assert swapped != good
+    for _ in range(3):
+        with pytest.raises(FormatError, match="not sorted"):
+            H.parse_header(swapped)
+    assert dict(H.parse_header(good)[0].context) == {"a": "1", "b": "2"}

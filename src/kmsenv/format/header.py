@@ -514,6 +514,14 @@ class _Reader:
     def remaining(self) -> int:
         return len(self._data) - self._pos
 
+    def at(self, prefix: bytes) -> bool:
+        """Whether the unread bytes start with ``prefix``."""
+        return self._data.startswith(prefix, self._pos)
+
+    def since(self, start: int) -> bytes:
+        """The bytes read from ``start`` up to the cursor."""
+        return self._data[start : self._pos]
+
     def take(self, n: int, what: str) -> bytes:
         if n > self.remaining:
             raise FormatError(f"header truncated inside the {what}")
@@ -570,7 +578,7 @@ def _parse_fixed(r: _Reader) -> dict[str, Any]:
         raise FormatError(f"chunk size 2^{log2} is outside 2^{MIN_CHUNK_LOG2}..2^{MAX_CHUNK_LOG2}")
     salt = r.take(SALT_SIZE, "salt")
     commitment = r.take(COMMITMENT_SIZE, "commitment")
-    context = dict(_parse_context(r))
+    context = _read_context(r)
     return {"suite": suite, "chunk_size": 1 << log2, "salt": salt, "commitment": commitment, "context": context}
 
 
@@ -656,6 +664,29 @@ def _parse_slot_stanzas(section_and_padding: bytes) -> tuple[KeyStanza, ...]:
     if any(r.take(r.remaining, "padding")):
         raise FormatError("the padding after a slot's wrapped keys is not zero")
     return stanzas
+
+
+# The context sections parsed last (exact bytes, items), newest first. Every file of a folder run
+# has the same context, and parsing it is a good part of a small file's header parse. Reusing a
+# result is exact: the section is self-delimiting and its parse reads nothing after it, so bytes
+# that start with a section that parsed parse to the same items and end at the same place. A tuple
+# rebound whole, never mutated, so threads reading headers at once need no lock. Only sections
+# that parsed are kept: a malformed one fails every time.
+_recent_contexts: tuple[tuple[bytes, tuple[tuple[str, str], ...]], ...] = ()
+_RECENT_CONTEXTS = 4
+
+
+def _read_context(r: _Reader) -> dict[str, str]:
+    global _recent_contexts  # noqa: PLW0603 - the memo above, rebound whole
+    recent = _recent_contexts
+    for section, items in recent:
+        if r.at(section):
+            r.take(len(section), "context section")
+            return dict(items)
+    start = r.position
+    items = tuple(_parse_context(r))
+    _recent_contexts = ((r.since(start), items), *recent[: _RECENT_CONTEXTS - 1])
+    return dict(items)
 
 
 def _parse_context(r: _Reader) -> Iterator[tuple[str, str]]:
