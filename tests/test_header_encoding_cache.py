@@ -87,25 +87,25 @@ def test_a_slot_with_nonzero_padding_fails_every_time() -> None:
             H.parse_header(bytes(raw))
 
 
-def _with_context(context: dict[str, str]) -> bytes:
+def _with_context(context: dict[str, str]) -> H.Header:
     draft = _v2((STANZA,))
     return H.Header(
         suite=1, chunk_size=4096, salt=draft.salt, context=context, stanzas=(STANZA,), commitment=draft.commitment,
         tag=draft.tag, version=2, slot_size=draft.slot_size, generation=1, active=0, standby=draft.standby,
-    ).encode()  # fmt: skip
+    )  # fmt: skip
 
 
 def test_context_parses_follow_the_bytes_across_more_contexts_than_are_remembered() -> None:
     contexts = [{"a": str(i)} for i in range(6)] + [{"a": "0", "b": ""}, {}, {"a": "0"}]
     for _ in range(2):
         for context in contexts:
-            parsed, _ = H.parse_header(_with_context(context))
+            parsed, _ = H.parse_header(_with_context(context).encode())
             assert dict(parsed.context) == context
             assert parsed.stanzas == (STANZA,)
 
 
 def test_a_malformed_context_fails_every_time_after_a_valid_one_like_it() -> None:
-    good = _with_context({"a": "1", "b": "2"})
+    good = _with_context({"a": "1", "b": "2"}).encode()
     H.parse_header(good)
     swapped = good.replace(b"\x00\x01a\x00\x011\x00\x01b\x00\x012", b"\x00\x01b\x00\x012\x00\x01a\x00\x011")
     assert swapped != good
@@ -113,3 +113,21 @@ def test_a_malformed_context_fails_every_time_after_a_valid_one_like_it() -> Non
         with pytest.raises(FormatError, match="not sorted"):
             H.parse_header(swapped)
     assert dict(H.parse_header(good)[0].context) == {"a": "1", "b": "2"}
+
+
+def test_a_header_copy_with_other_fields_encodes_its_own_sections() -> None:
+    import dataclasses
+
+    other = H.KeyStanza("kmsenv-embedded", "acs:kms:cn-hangzhou:1:key/other", "", b"\x02" * 8)
+    first = _v2((STANZA,))
+    second = dataclasses.replace(first, stanzas=(other,), context={"z": "9"})
+    assert second.stanza_section() == H.stanza_section((other,))
+    assert H.encode_context({"z": "9"}) in second.immutable_bytes()
+    parsed, _ = H.parse_header(second.encode())
+    assert parsed == second and parsed.stanzas == (other,) and dict(parsed.context) == {"z": "9"}
+    assert first.stanza_section() == H.stanza_section((STANZA,))
+
+
+def test_a_v2_header_with_an_invalid_context_cannot_be_built() -> None:
+    with pytest.raises(FormatError):
+        _with_context({"k": "x" * (H.MAX_CONTEXT_BYTES + 1)})

@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import struct
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, BinaryIO
 
@@ -169,6 +169,11 @@ class Header:
     generation: int = 0
     active: int = 1
     standby: bytes = b""
+    # The context and stanza sections, encoded once when the header is built: every encoding of a
+    # header (its tag, its size, its bytes) needs both, several times per file. Derived from the
+    # fields above, so not compared, shown or accepted by __init__.
+    _context_section: bytes = field(init=False, repr=False, compare=False)
+    _stanza_section: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Freeze copies: a caller mutating its dict afterwards must not change a header whose
@@ -190,8 +195,8 @@ class Header:
         _check_size("header tag", self.tag, TAG_SIZE)
         if not 1 <= len(self.stanzas) <= MAX_STANZAS:
             raise FormatError(f"a header holds 1 to {MAX_STANZAS} wrapped keys, not {len(self.stanzas)}")
-        if any(not isinstance(s, KeyStanza) for s in self.stanzas):
-            raise TypeError("stanzas must be KeyStanza objects")
+        object.__setattr__(self, "_stanza_section", stanza_section(self.stanzas))  # TypeError for a non-stanza
+        object.__setattr__(self, "_context_section", encode_context(self.context))
         if self.version == 1:
             if (self.slot_size, self.generation, self.standby) != (0, 0, b""):
                 raise ValueError("a v1 header has no slots")
@@ -260,7 +265,7 @@ class Header:
 
     def stanza_section(self) -> bytes:
         """u8 count ‖ stanzas: what a v2 slot holds after its generation."""
-        return stanza_section(self.stanzas)
+        return self._stanza_section
 
     def immutable_bytes(self) -> bytes:
         """Magic through context section: every byte before the first slot (v2) or the stanzas (v1)."""
@@ -272,7 +277,7 @@ class Header:
         return b"".join((prefix, self.salt, self.commitment, body))
 
     def _immutable_body(self) -> bytes:
-        return encode_context(self.context)
+        return self._context_section
 
     def authenticated_bytes(self) -> bytes:
         """What the header tag is computed over.
