@@ -87,6 +87,9 @@ class FileKey:
             raise FormatError(f"suite {suite} needs a {DATA_KEY_SIZE}-byte data key")
         payload, commitment, mac_key = bytearray(32), bytearray(32), bytearray(32)
         infos = _kdf_infos(suite, chunk_log2(chunk_size), encode_context(context))
+        # Three full HKDFs, not one Extract shared by three Expands: the same bytes (RFC 5869) and
+        # measured ~1.7 us less per file, but cryptography returns the shared PRK (enough to derive
+        # all three keys) as immutable bytes that could never be wiped.
         for info, out in zip(infos, (payload, commitment, mac_key), strict=True):
             _crypto.hkdf_sha256_into(data_key, salt=salt, info=info, out=out)
         try:
