@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kmsenv import _crypto
 from kmsenv.clients import EmbeddedKms
-from kmsenv.format import stream
+from kmsenv.format import random_access, stream
 from kmsenv.format.header import Header, KeyStanza
 from kmsenv.format.keys import FileKey, _new_header
 
@@ -99,3 +99,18 @@ def stream_encrypted(plaintext: bytes) -> bytes:
     out.write(header.encode())
     stream.encrypt_stream(io.BytesIO(plaintext), out, key, chunk_size=CHUNK, threads=1)
     return out.getvalue()
+
+
+def range_encrypted(tmp_path: Path, plaintext: bytes, threads: int) -> tuple[bytes, int, int]:
+    """``plaintext`` under :func:`fixed_header` through the chunk-range engine, file to file:
+    (the file's bytes, the output descriptor it had, the header size)."""
+    header, key = fixed_header()
+    src, dst = tmp_path / "in", tmp_path / "out.enc"
+    src.write_bytes(plaintext)
+    with src.open("rb") as fin, dst.open("wb") as fout:
+        fout.write(header.encode())
+        fout.flush()
+        layout = random_access.Layout(header.size, CHUNK, len(plaintext))
+        random_access.encrypt_ranges(fin.fileno(), fout.fileno(), key, layout, threads=threads)
+        fd = fout.fileno()
+    return dst.read_bytes(), fd, header.size

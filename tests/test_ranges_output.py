@@ -22,12 +22,12 @@ from typing import Any
 
 import pytest
 
-from files_helpers import CHUNK, fixed_header, stream_encrypted
+from files_helpers import CHUNK, fixed_header, range_encrypted, stream_encrypted
 from kmsenv import envelope
 from kmsenv.clients import EmbeddedKms
 from kmsenv.errors import IntegrityError, OutputError
 from kmsenv.format import random_access, stream
-from kmsenv.format.random_access import Layout, decrypt_ranges, encrypt_ranges
+from kmsenv.format.random_access import Layout, decrypt_ranges
 
 SIZE = 40 * CHUNK + 7
 Call = tuple[int, int, int, int]
@@ -57,15 +57,7 @@ def recording(monkeypatch: pytest.MonkeyPatch, result: int = 0, err: int = 0) ->
 
 
 def encrypt(tmp_path: Path, plaintext: bytes) -> tuple[bytes, int, int]:
-    header, key = fixed_header()
-    src, dst = tmp_path / "in", tmp_path / "out.enc"
-    src.write_bytes(plaintext)
-    with src.open("rb") as fin, dst.open("wb") as fout:
-        fout.write(header.encode())
-        fout.flush()
-        encrypt_ranges(fin.fileno(), fout.fileno(), key, Layout(header.size, CHUNK, len(plaintext)), threads=2)
-        fd = fout.fileno()
-    return dst.read_bytes(), fd, header.size
+    return range_encrypted(tmp_path, plaintext, 2)
 
 
 def decrypt(tmp_path: Path, file: bytes) -> tuple[bytes, int]:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from files_helpers import CHUNK, fixed_header, stream_encrypted
+from files_helpers import CHUNK, fixed_header, range_encrypted, stream_encrypted
 from kmsenv import _atomic
 from kmsenv.format import random_access, stream
-from kmsenv.format.random_access import Layout, decrypt_ranges, encrypt_ranges
+from kmsenv.format.random_access import Layout, decrypt_ranges
 
 SIZE = 40 * CHUNK + 7
 Call = tuple[int, int, int, int]
@@ -53,16 +53,7 @@ def encrypted_by_stream(tmp_path: Path, plaintext: bytes, threads: int) -> tuple
 
 
 def encrypted_by_ranges(tmp_path: Path, plaintext: bytes, threads: int) -> tuple[bytes, int, int]:
-    header, key = fixed_header()
-    src, dst = tmp_path / "in", tmp_path / "out.enc"
-    src.write_bytes(plaintext)
-    with src.open("rb") as fin, dst.open("wb") as fout:
-        fout.write(header.encode())
-        fout.flush()
-        layout = Layout(header.size, CHUNK, len(plaintext))
-        encrypt_ranges(fin.fileno(), fout.fileno(), key, layout, threads=threads)
-        fd = fout.fileno()
-    return dst.read_bytes(), fd, header.size
+    return range_encrypted(tmp_path, plaintext, threads)
 
 
 def covered(hints: list[Call], size: int) -> list[tuple[int, int]]:
