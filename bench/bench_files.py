@@ -31,15 +31,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from _common import parse_size, warm
+
 MiB = 1024 * 1024
 UNITS = {"KiB": 1024, "MiB": MiB, "GiB": 1024 * MiB}
-
-
-def parse_size(text: str) -> int:
-    for unit, factor in UNITS.items():
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
 
 
 def human(n: float) -> str:
@@ -80,12 +75,6 @@ def make_file(path: Path, size: int) -> None:
         while left > 0:
             f.write(block[: min(left, MiB)])
             left -= MiB
-
-
-def warm(path: Path) -> None:
-    with path.open("rb") as f:
-        while f.read(8 * MiB):
-            pass
 
 
 def best(samples: list[tuple[float, int]]) -> tuple[float, int]:

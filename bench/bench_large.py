@@ -32,31 +32,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _common import parse_size, timed, warm
+
 ROOT = Path(__file__).resolve().parent.parent
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-
-
-def size_arg(text: str) -> int:
-    unit = text[-1:].upper() if text[-1:].isalpha() else ""
-    return int(text[: len(text) - len(unit)]) * _UNITS[unit]
-
-
-def warm(path: Path) -> None:
-    """Read ``path`` so that every variant starts from the page cache, as a user's recent file would."""
-    with path.open("rb") as f:
-        while f.read(1 << 24):
-            pass
-
-
-def timed(action: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    action()
-    return time.perf_counter() - start
 
 
 def run(cmd: list[str] | str, env: dict[str, str]) -> None:
@@ -76,7 +58,7 @@ def cp_fsync(src: Path, dst: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--size", type=size_arg, default=1 << 30, help="input size, e.g. 1G, 64M (default 1G)")
+    parser.add_argument("--size", type=parse_size, default=1 << 30, help="input size, e.g. 1G, 64M (default 1G)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--dir", default=None, help="where to work (default: the system temp folder)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")

@@ -43,10 +43,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from _common import MiB, parse_size, warm
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-MiB = 1 << 20
-UNITS = {"KiB": 1 << 10, "MiB": MiB, "GiB": 1 << 30, "K": 1 << 10, "M": MiB, "G": 1 << 30}
 TOOLS = ("kmsenv", "age", "tink", "esdk", "reference")
 LABELS = {
     "kmsenv": "kmsenv CLI",
@@ -56,13 +56,6 @@ LABELS = {
     "reference": "reference sample",
 }
 OPS = ("encrypt", "decrypt")
-
-
-def parse_size(text: str) -> int:
-    for unit in sorted(UNITS, key=len, reverse=True):
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * UNITS[unit])
-    return int(text)
 
 
 def run(cmd: Sequence[str], env: dict[str, str]) -> tuple[float, int]:
@@ -98,13 +91,6 @@ def sha256(path: Path) -> str:
         while block := f.read(16 * MiB):
             digest.update(block)
     return digest.hexdigest()
-
-
-def warm(path: Path) -> None:
-    """Read ``path`` so that every run starts from the page cache, as a user's recent file would."""
-    with path.open("rb") as f:
-        while f.read(16 * MiB):
-            pass
 
 
 def commands(work: Path, env: dict[str, str]) -> dict[str, dict[str, list[str]]]:

@@ -35,10 +35,11 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from _common import parse_size, timed, warm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
@@ -46,13 +47,6 @@ sys.path.insert(0, str(ROOT / "src"))
 from kmsenv import envelope  # noqa: E402
 from kmsenv import format as fmt  # noqa: E402
 from kmsenv.clients import EmbeddedKms  # noqa: E402
-
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-
-
-def size_arg(text: str) -> int:
-    unit = text[-1:].upper() if text[-1:].isalpha() else ""
-    return int(text[: len(text) - len(unit)]) * _UNITS[unit]
 
 
 def write_input(path: Path, size: int) -> None:
@@ -63,18 +57,6 @@ def write_input(path: Path, size: int) -> None:
         while left:
             f.write(block[: min(left, len(block))])
             left -= min(left, len(block))
-
-
-def warm(path: Path) -> None:
-    with path.open("rb") as f:
-        while f.read(1 << 24):
-            pass
-
-
-def timed(action: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    action()
-    return time.perf_counter() - start
 
 
 def reencrypt(kms: EmbeddedKms, src: Path, dst: Path, key: str) -> None:
@@ -117,7 +99,7 @@ def payload_digest(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--size", type=size_arg, default=1 << 30, help="plaintext size, e.g. 1G, 64M (default 1G)")
+    parser.add_argument("--size", type=parse_size, default=1 << 30, help="plaintext size, e.g. 1G, 64M (default 1G)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     parser.add_argument("--dir", default=None, help="where to work (default: the system temp folder)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
