@@ -349,11 +349,11 @@ def test_group_commit_strands_nothing_when_syncing_breaks(tmp_path: Path, monkey
 # ------------------------------------------------------------------ batches of a folder run --
 
 
-def test_commit_lands_exactly_the_given_tickets_after_their_fsync(
+def test_a_batch_lands_exactly_its_tickets_after_their_fsync(
     tmp_path: Path, flavour: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """GroupCommit.commit (what a folder run's worker calls at the end of its batch) syncs and
-    links its own tickets, in this thread, and leaves other pending files alone."""
+    """A batch (what a folder run's worker hands over) syncs and links its own tickets, and
+    leaves other pending files alone."""
     synced: set[tuple[int, int]] = set()
     real_fsync = os.fsync
 
@@ -364,35 +364,32 @@ def test_commit_lands_exactly_the_given_tickets_after_their_fsync(
 
     monkeypatch.setattr(_atomic.os, "fsync", fsync)
     group = _atomic.GroupCommit(max_pending=None)
-    mine: list[_atomic.Ticket] = []
-    for name in ("a", "b", "c"):
-        with group.deferring() as tickets, AtomicOutput(tmp_path / name) as f:
-            f.write(name.encode() * 10)
-        mine += tickets
     with group.deferring() as others, AtomicOutput(tmp_path / "other") as f:
         f.write(b"not this batch")
-    group.commit(mine)
+    with group.batch(str(tmp_path)) as mine:
+        for name in ("a", "b", "c"):
+            with group.deferring() as tickets, AtomicOutput(tmp_path / name) as f:
+                f.write(name.encode() * 10)
+            mine.extend(tickets)
+    for ticket in mine:
+        ticket.wait()
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(TEMP_SUFFIX)) == ["a", "b", "c"]
     assert all(_inode(tmp_path / name) in synced for name in ("a", "b", "c"))
-    for ticket in mine:
-        ticket.wait()  # returns at once: already in place
     assert [t.size for t in mine] == [10, 10, 10]
     assert "pending=1" in repr(group)
-    group.commit(mine)  # committing again is harmless
     group.close()
     assert (tmp_path / "other").read_bytes() == b"not this batch"
     assert others[0].size == len(b"not this batch")
 
 
-def test_commit_reports_each_failure_on_its_own_ticket(tmp_path: Path, flavour: str) -> None:
+def test_a_batch_reports_each_failure_on_its_own_ticket(tmp_path: Path, flavour: str) -> None:
     group = _atomic.GroupCommit(max_pending=None)
-    tickets: list[_atomic.Ticket] = []
-    for name in ("taken", "free"):
-        with group.deferring() as mine, AtomicOutput(tmp_path / name) as f:
-            f.write(b"ours")
-        tickets += mine
-    (tmp_path / "taken").write_bytes(b"theirs")
-    group.commit(tickets)
+    with group.batch(str(tmp_path)) as tickets:
+        for name in ("taken", "free"):
+            with group.deferring() as mine, AtomicOutput(tmp_path / name) as f:
+                f.write(b"ours")
+            tickets.extend(mine)
+        (tmp_path / "taken").write_bytes(b"theirs")
     with pytest.raises(OutputError, match="already exists"):
         tickets[0].wait()
     tickets[1].wait()
@@ -405,7 +402,7 @@ def test_commit_reports_each_failure_on_its_own_ticket(tmp_path: Path, flavour: 
 def test_a_batch_shares_one_descriptor_of_its_folder(
     tmp_path: Path, flavour: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Inside ``in_folder``, outputs in that folder do not open it themselves; outputs elsewhere
+    """Inside ``batch``, outputs in its folder do not open it themselves; outputs elsewhere
     still do; the shared descriptor is synced once at close, like any other folder."""
     (tmp_path / "elsewhere").mkdir()
     folder_opens: list[str] = []
@@ -418,16 +415,16 @@ def test_a_batch_shares_one_descriptor_of_its_folder(
 
     monkeypatch.setattr(_atomic.os, "open", counting_open)
     group = _atomic.GroupCommit(max_pending=None)
-    tickets: list[_atomic.Ticket] = []
-    with group.in_folder(str(tmp_path)):
+    with group.batch(str(tmp_path)) as tickets:
         for i in range(5):
             with group.deferring() as mine, AtomicOutput(tmp_path / f"f{i}", mode=PRIVATE_MODE) as f:
                 f.write(b"%d" % i)
-            tickets += mine
+            tickets.extend(mine)
         with group.deferring() as mine, AtomicOutput(tmp_path / "elsewhere" / "g") as f:
             f.write(b"g")
-        tickets += mine
-        group.commit(tickets)
+        tickets.extend(mine)
+    for ticket in tickets:
+        ticket.wait()
     assert folder_opens == [str(tmp_path), str(tmp_path / "elsewhere")]
     synced = _record_fsyncs(monkeypatch)
     group.close()
@@ -440,7 +437,7 @@ def test_a_batch_shares_one_descriptor_of_its_folder(
 def test_a_batch_folder_that_cannot_be_opened_is_reported_per_file(tmp_path: Path) -> None:
     group = _atomic.GroupCommit(max_pending=None)
     with (
-        group.in_folder(str(tmp_path / "missing")),
+        group.batch(str(tmp_path / "missing")),
         pytest.raises(OutputError, match="cannot be used"),
         AtomicOutput(tmp_path / "missing" / "f") as f,
     ):
@@ -457,7 +454,6 @@ def test_deferred_writes_reach_the_file_in_order(tmp_path: Path, sizes: list[int
     with group.deferring() as tickets, AtomicOutput(tmp_path / "out") as f:
         for piece in pieces:
             assert f.write(memoryview(bytearray(piece))) == len(piece)
-    group.commit(tickets)
     tickets[0].wait()
     assert tickets[0].size == sum(sizes)
     group.close()
@@ -471,7 +467,7 @@ def test_deferred_size_is_the_file_s_when_written_round_the_object(tmp_path: Pat
         f.write(b"head")
         f.flush()
         os.pwrite(f.fileno(), b"tail", 100)
-    group.commit(tickets)
+    tickets[0].wait()
     assert tickets[0].size == 104
     group.close()
     assert (tmp_path / "out").read_bytes() == b"head" + bytes(96) + b"tail"

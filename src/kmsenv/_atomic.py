@@ -206,8 +206,8 @@ class GroupCommit:
     """Durability for a run of many outputs, a batch at a time (see the module docstring).
 
     Thread-safe. A batch is made durable when ``max_pending`` files wait (None: never for that
-    reason), when a :class:`Ticket` is waited for, on :meth:`commit` of its tickets, on the end
-    of a :meth:`batch` block, or on :meth:`close`: writeback of all its files is started, then
+    reason), when a :class:`Ticket` is waited for, at the end of a :meth:`batch` block (on the
+    group's commit thread), or on :meth:`close`: writeback of all its files is started, then
     each is fsynced, then linked, in order. ``close`` (also after failures) finishes every
     pending file and syncs the folders; call it before reporting success.
     """
@@ -236,37 +236,17 @@ class GroupCommit:
             _GROUP.reset(token)
 
     @contextlib.contextmanager
-    def in_folder(self, folder: str) -> Iterator[None]:
-        """Outputs created in this block (in this thread) directly in ``folder`` share one open
-        descriptor of it, instead of opening the folder once per file; at the end of the block
-        it goes to :attr:`folders` for the run's one fsync of the folder.
-
-        Commit (:meth:`commit`) the block's tickets before it ends: the descriptor is what they
-        are linked through. If the folder cannot be opened here, each output opens it itself
-        (and reports why it cannot).
-        """
-        try:
-            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            yield
-            return
-        token = _FOLDER.set((folder, os.path.abspath(folder), fd))
-        try:
-            yield
-        finally:
-            _FOLDER.reset(token)
-            self.folders.adopt(fd)
-
-    @contextlib.contextmanager
     def batch(self, folder: str) -> Iterator[list[Ticket]]:
         """A worker's batch of outputs in ``folder``, committed behind its back.
 
-        As in :meth:`in_folder`, outputs created in the block directly in ``folder`` share one
-        open descriptor of it. Add the tickets of the block's outputs to the list it gets (each
-        :meth:`deferring` list); at its end (also on an exception) they go to the group's commit
-        thread, which fsyncs them together, links each into place and then leaves the folder to
-        :attr:`folders`. The worker goes on with its next batch at once instead of waiting for
-        the disk; whoever reports a file waits for its ticket (:meth:`Ticket.wait`).
+        Outputs created in the block (in this thread) directly in ``folder`` share one open
+        descriptor of it, instead of opening the folder once per file; if it cannot be opened
+        here, each output opens it itself (and reports why it cannot). Add the tickets of the
+        block's outputs to the list it gets (each :meth:`deferring` list); at its end (also on an
+        exception) they go to the group's commit thread, which fsyncs them together, links each
+        into place and then leaves the folder to :attr:`folders`. The worker goes on with its
+        next batch at once instead of waiting for the disk; whoever reports a file waits for its
+        ticket (:meth:`Ticket.wait`).
         """
         tickets: list[Ticket] = []
         try:
@@ -317,21 +297,6 @@ class GroupCommit:
             with self._lock:
                 batch, self._pending = list(self._pending.items()), {}
             self._land(batch)
-
-    def commit(self, tickets: list[Ticket]) -> None:
-        """Make these files durable now, in this thread, then link each into place; return
-        once every one is finished (the synchronous form of :meth:`batch`'s hand-off).
-
-        Tickets another thread is already finishing are waited for; errors stay on the tickets
-        (see :meth:`Ticket.wait`).
-        """
-        with self._lock:
-            batch = [(t, fd) for t in tickets if (fd := self._pending.pop(t, None)) is not None]
-        try:
-            self._land(batch)
-        finally:
-            for ticket in tickets:
-                self._await(ticket)
 
     def _mark_done(self, ticket: Ticket) -> None:
         with self._landed:
@@ -462,7 +427,7 @@ _GROUP: contextvars.ContextVar[tuple[GroupCommit, list[Ticket]] | None] = contex
     "kmsenv_group_commit", default=None
 )
 #: The folder a batch of outputs is being created in (as named, and absolute), and its open
-#: descriptor (GroupCommit.batch, GroupCommit.in_folder).
+#: descriptor (GroupCommit.batch).
 _FOLDER: contextvars.ContextVar[tuple[str, str, int] | None] = contextvars.ContextVar(
     "kmsenv_batch_folder", default=None
 )
