@@ -362,21 +362,41 @@ WRITEBACK_BYTES = 8 * 1024 * 1024
 _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages, do not wait
 
 
-@functools.cache
-def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """libc's ``sync_file_range``, or None where there is none (the hint is then a no-op)."""
+def libc_function(names: tuple[str, ...], *argtypes: str) -> Callable[..., int] | None:
+    """The first of ``names`` that this process's libc has, taking the ``ctypes`` types named by
+    ``argtypes`` and returning a C int (``errno`` kept for :func:`libc_errno`); None off Linux or
+    where libc has none of them (callers then skip what it would do: hints, preallocation).
+
+    ctypes is imported only here, on first use by a large output: it is not a cheap import.
+    """
     if not sys.platform.startswith("linux"):
         return None
-    # ctypes is imported only here, on the first hint (large outputs): it is not a cheap import.
     import ctypes
 
     try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):  # a libc without it
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
         return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
+    for name in names:
+        fn = getattr(libc, name, None)
+        if fn is not None:
+            fn.argtypes = [getattr(ctypes, t) for t in argtypes]
+            fn.restype = ctypes.c_int
+            return cast("Callable[..., int]", fn)
+    return None
+
+
+def libc_errno() -> int:
+    """``errno`` of the last :func:`libc_function` call in this thread."""
+    import ctypes
+
+    return ctypes.get_errno()
+
+
+@functools.cache
+def _libc_sync_file_range() -> Callable[..., int] | None:
+    """libc's ``sync_file_range``, or None where there is none (the hint is then a no-op)."""
+    return libc_function(("sync_file_range",), "c_int", "c_int64", "c_int64", "c_uint")
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:

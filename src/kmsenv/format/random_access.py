@@ -26,7 +26,6 @@ import errno
 import functools
 import io
 import os
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -289,25 +288,14 @@ class EncryptedReader(io.RawIOBase):
 
 
 @functools.cache
-def _libc_fallocate() -> Callable[[int, int, int, int], int] | None:
+def _libc_fallocate() -> Callable[..., int] | None:
     """libc's 64-bit ``fallocate``, or None where there is none (preallocation is then skipped).
 
     Not :func:`os.posix_fallocate`: where a file system has no fallocate, glibc's emulates it by
-    writing into every block of the range, which would cost as much as the output itself.
+    writing into every block of the range, which would cost as much as the output itself. glibc
+    has ``fallocate64``; musl only ``fallocate``, whose ``off_t`` is 64-bit anyway.
     """
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes  # already loaded by the writeback hint on outputs this large
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        # glibc has both; musl only fallocate, whose off_t is 64-bit where long is.
-        fn = libc.fallocate64 if hasattr(libc, "fallocate64") or ctypes.sizeof(ctypes.c_long) < 8 else libc.fallocate
-    except (OSError, AttributeError):  # a libc without it
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fn.restype = ctypes.c_int
-    return fn
+    return _atomic.libc_function(("fallocate64", "fallocate"), "c_int", "c_int", "c_int64", "c_int64")
 
 
 def _preallocate(fd: int, size: int) -> None:
@@ -325,9 +313,7 @@ def _preallocate(fd: int, size: int) -> None:
     if fn is None or size <= 0:
         return
     if fn(fd, 0, 0, size) != 0:
-        import ctypes
-
-        err = ctypes.get_errno()
+        err = _atomic.libc_errno()
         if err in _NO_ROOM:
             raise OSError(err, os.strerror(err))
 
